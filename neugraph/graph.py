@@ -1,0 +1,209 @@
+"""The emitted neural graph: blocks of edges kept as blocks, indices materialised on request.
+
+Every parameter becomes one :class:`Block`. A block's edges are enumerated in the parameter's own
+memory order over its two node axes, and its remaining axes are the edge's feature slots, so
+``edge_features`` is a reshape of the flat state vector and ``to_params`` is its exact inverse; no
+index tensor the size of the model is ever needed for either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+NINO_TYPES = {
+    "padding": 0, "dense": 1, "bias": 2, "conv": 3, "norm": 4, "embedding": 5, "positional": 6,
+    "query": 7, "key": 8, "value": 9, "residual": 10, "head": 11, "unused": 12, "self": 13,
+}
+
+
+@dataclass
+class Block:
+    """Edges of one parameter."""
+
+    name: str
+    offset: int  # start of the parameter in the flat parameter vector
+    numel: int
+    view_shape: tuple[int, ...]  # the parameter reshaped so flattened axes are split out
+    order: list[int]  # view axes, node axes first then feature axes
+    first: torch.Tensor  # node ids along the first node axis (an auxiliary node for vectors)
+    second: torch.Tensor  # node ids along the second node axis
+    src_is_first: bool
+    feat: int  # feature slots used per edge
+    edge_type: int
+    rows_per_group: int = 0  # grouped weights: rows per group; ``second`` then holds all groups' columns
+    trainable: bool = True
+
+    @property
+    def num_edges(self) -> int:
+        return self.numel // self.feat
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first, second) node id of every edge of the block, in edge order."""
+        n1 = self.first.numel()
+        if self.rows_per_group:
+            groups = n1 // self.rows_per_group
+            cols = self.second.view(groups, 1, -1).expand(groups, self.rows_per_group, -1)
+            n2 = cols.shape[-1]
+            return self.first.repeat_interleave(n2), cols.reshape(-1)
+        n2 = self.second.numel()
+        return self.first.repeat_interleave(n2), self.second.repeat(n1)
+
+    def bipartite(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The block as complete bipartite pieces (node sets), for structure-aware algorithms."""
+        if self.rows_per_group:
+            groups = self.first.numel() // self.rows_per_group
+            cols = self.second.view(groups, -1)
+            rows = self.first.view(groups, -1)
+            return [(rows[g], cols[g]) for g in range(groups)]
+        return [(self.first, self.second)]
+
+    def is_identity_layout(self) -> bool:
+        return self.order == sorted(self.order)
+
+
+@dataclass
+class AuxEdges:
+    """Edges that carry a fixed value instead of a parameter (self-loops, residual, head edges)."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    edge_type: int
+    value: float
+
+
+@dataclass
+class NeuralGraph:
+    """A compiled neural graph.
+
+    ``node_features`` is a plain attribute a caller may overwrite (for example with zeros).
+    ``node_labels`` gives every pinned neuron its position within its space (1-based; 0 for free
+    neurons and auxiliary nodes): pinned neurons have an identity, free ones do not.
+    """
+
+    profile: str
+    num_nodes: int
+    num_params: int
+    param_names: list[str]
+    param_shapes: list[tuple[int, ...]]
+    blocks: list[Block]
+    aux: list[AuxEdges]
+    node_features: torch.Tensor
+    node_labels: torch.Tensor
+    node_kind: list[str]  # per node: "neuron", "pinned", "aux"
+    node_space: torch.Tensor  # per node: the plain space id it belongs to (-1 for auxiliary nodes)
+    max_feat: int
+    lpe: int = 8
+    info: dict = field(default_factory=dict)
+    _edge_index: torch.Tensor | None = field(default=None, repr=False)
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    @property
+    def num_edges(self) -> int:
+        return sum(b.num_edges for b in self.blocks) + sum(a.src.numel() for a in self.aux)
+
+    @property
+    def num_param_edges(self) -> int:
+        return sum(b.num_edges for b in self.blocks)
+
+    # ---- structure -----------------------------------------------------------------------------
+    @property
+    def edge_index(self) -> torch.Tensor:
+        """(2, E) long: sources in row 0, targets in row 1 (materialised once, on first use)."""
+        if self._edge_index is None:
+            srcs, dsts = [], []
+            for b in self.blocks:
+                f, s = b.pairs()
+                srcs.append(f if b.src_is_first else s)
+                dsts.append(s if b.src_is_first else f)
+            for a in self.aux:
+                srcs.append(a.src)
+                dsts.append(a.dst)
+            self._edge_index = torch.stack([torch.cat(srcs), torch.cat(dsts)]) if srcs else torch.zeros(2, 0, dtype=torch.long)
+        return self._edge_index
+
+    @property
+    def edge_type(self) -> torch.Tensor:
+        parts = [torch.full((b.num_edges,), b.edge_type, dtype=torch.long) for b in self.blocks]
+        parts += [torch.full((a.src.numel(),), a.edge_type, dtype=torch.long) for a in self.aux]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    @property
+    def trainable_mask(self) -> torch.Tensor:
+        """(num_params,) bool: False for frozen parameters."""
+        return torch.cat([torch.full((b.numel,), b.trainable, dtype=torch.bool) for b in self.blocks])
+
+    # ---- features and the inverse map ----------------------------------------------------------
+    def block_features(self, b: Block, states: torch.Tensor) -> torch.Tensor:
+        """(edges, feat, T) view of one block's slice of ``states`` (num_params, T)."""
+        T = states.shape[1]
+        x = states[b.offset: b.offset + b.numel].reshape(*b.view_shape, T)
+        if not b.is_identity_layout():
+            x = x.permute(*b.order, len(b.view_shape))
+        return x.reshape(b.num_edges, b.feat, T)
+
+    def edge_features(self, states: torch.Tensor) -> torch.Tensor:
+        """(E, max_feat * T) edge features, slot-major (index ``slot * T + t``), zero-padded.
+
+        ``states`` is (num_params, T) or (num_params,). Auxiliary edges carry their fixed value in
+        slot 0 for every t.
+        """
+        if states.dim() == 1:
+            states = states[:, None]
+        if states.shape[0] != self.num_params:
+            raise ValueError(f"states has {states.shape[0]} rows but the graph has {self.num_params} "
+                             "parameters; pass a (num_params, T) tensor in named_parameters() order")
+        T = states.shape[1]
+        out = states.new_zeros(self.num_edges, self.max_feat, T)
+        e = 0
+        for b in self.blocks:
+            out[e: e + b.num_edges, : b.feat] = self.block_features(b, states)
+            e += b.num_edges
+        for a in self.aux:
+            n = a.src.numel()
+            out[e: e + n, 0] = a.value
+            e += n
+        return out.reshape(self.num_edges, self.max_feat * T)
+
+    def to_params(self, edge_values: torch.Tensor) -> torch.Tensor:
+        """Exact inverse of :meth:`edge_features` on the parameter edges.
+
+        ``edge_values`` is (E, max_feat), (E, max_feat, T) or (E,) when ``max_feat == 1``; rows of
+        auxiliary edges are ignored. Returns (num_params,) or (num_params, T).
+        """
+        v = edge_values
+        squeeze = False
+        if v.dim() == 1:
+            v = v[:, None]
+        if v.dim() == 2:
+            if v.shape[1] != self.max_feat:
+                raise ValueError(f"edge_values has {v.shape[1]} columns, expected max_feat={self.max_feat}")
+            v, squeeze = v[:, :, None], True
+        if v.shape[0] not in (self.num_edges, self.num_param_edges):
+            raise ValueError(f"edge_values has {v.shape[0]} rows, expected {self.num_edges} edges")
+        T = v.shape[2]
+        out = v.new_empty(self.num_params, T)
+        e = 0
+        for b in self.blocks:
+            x = v[e: e + b.num_edges, : b.feat]
+            if b.is_identity_layout():
+                out[b.offset: b.offset + b.numel] = x.reshape(b.numel, T)
+            else:
+                permuted = [b.view_shape[i] for i in b.order]
+                inv = [b.order.index(i) for i in range(len(b.order))]
+                x = x.reshape(*permuted, T).permute(*inv, len(inv))
+                out[b.offset: b.offset + b.numel] = x.reshape(b.numel, T)
+            e += b.num_edges
+        return out[:, 0] if squeeze else out
+
+    def flat_params(self, module: torch.nn.Module) -> torch.Tensor:
+        """The module's parameters as one flat vector in ``param_names`` order."""
+        params = dict(module.named_parameters())
+        return torch.cat([params[n].detach().reshape(-1) for n in self.param_names])
+
+    def summary(self) -> dict:
+        counts: dict[int, int] = {}
+        for t, n in zip(*torch.unique(self.edge_type, return_counts=True)):
+            counts[int(t)] = int(n)
+        return {"profile": self.profile, "num_nodes": self.num_nodes, "num_edges": self.num_edges,
+                "num_params": self.num_params, "edge_type_counts": counts, "max_feat": self.max_feat}
