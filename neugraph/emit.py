@@ -27,7 +27,7 @@ PROFILES = ("nino", "generic")
 def _edge_type(profile: str, st: StateInfo, nnode: int) -> int:
     if nnode <= 1:
         if profile == "nino":
-            return T["norm"] if len(st.shape) == 1 and st.name.endswith("weight") else T["bias"]
+            return T["norm"] if st.name.endswith("weight") else T["bias"]
         return T["norm"] if st.kind == "scale" else T["bias"]
     if st.kind == "embedding":
         return T["embedding"]

@@ -96,6 +96,7 @@ class NeuralGraph:
     lpe: int = 8
     info: dict = field(default_factory=dict)
     _edge_index: torch.Tensor | None = field(default=None, repr=False)
+    _edge_type: torch.Tensor | None = field(default=None, repr=False)
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -124,6 +125,12 @@ class NeuralGraph:
 
     @property
     def edge_type(self) -> torch.Tensor:
+        """(E,) long edge type ids (see ``NINO_TYPES``), in ``edge_index`` order."""
+        if self._edge_type is None:
+            self._edge_type = self._types()
+        return self._edge_type
+
+    def _types(self) -> torch.Tensor:
         parts = [torch.full((b.num_edges,), b.edge_type, dtype=torch.long) for b in self.blocks]
         parts += [torch.full((a.src.numel(),), a.edge_type, dtype=torch.long) for a in self.aux]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
@@ -131,7 +138,8 @@ class NeuralGraph:
     @property
     def trainable_mask(self) -> torch.Tensor:
         """(num_params,) bool: False for frozen parameters."""
-        return torch.cat([torch.full((b.numel,), b.trainable, dtype=torch.bool) for b in self.blocks])
+        parts = [torch.full((b.numel,), b.trainable, dtype=torch.bool) for b in self.blocks]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
     # ---- features and the inverse map ----------------------------------------------------------
     def block_features(self, b: Block, states: torch.Tensor) -> torch.Tensor:
@@ -179,6 +187,8 @@ class NeuralGraph:
             if v.shape[1] != self.max_feat:
                 raise ValueError(f"edge_values has {v.shape[1]} columns, expected max_feat={self.max_feat}")
             v, squeeze = v[:, :, None], True
+        if v.shape[1] != self.max_feat:
+            raise ValueError(f"edge_values has {v.shape[1]} feature slots, expected max_feat={self.max_feat}")
         if v.shape[0] not in (self.num_edges, self.num_param_edges):
             raise ValueError(f"edge_values has {v.shape[0]} rows, expected {self.num_edges} edges")
         T = v.shape[2]

@@ -258,12 +258,19 @@ def _layout(sp: Spaces, st: StateInfo, role: dict) -> None:
     elif len(node_axes) == 0:
         src = dst = None
     else:
-        a, b = node_axes[0], node_axes[1]
+        if len(node_axes) > 2:  # e.g. LayerNorm([C, H, W]): keep the neurons, positions become features
+            free = [d for d in node_axes if not sp.is_pinned(st.axes[d])]
+            if free:
+                node_axes = free
+        if len(node_axes) == 1:
+            a = b = node_axes[0]
+        else:
+            a, b = node_axes[0], node_axes[1]
         pa, pb = sp.is_pinned(st.axes[a]), sp.is_pinned(st.axes[b])
-        src, dst = (a, b) if (pa and not pb) else (b, a)
+        src, dst = (None, a) if a == b else ((a, b) if (pa and not pb) else (b, a))
     keep = {d for d in (src, dst) if d is not None}
-    for d in node_axes:
-        if d not in keep:
+    for d in range(r):
+        if d not in keep and d not in feats:
             sp.pin(st.axes[d], Pin("emit", st.name, "third tensor axis folded into edge features"))
             feats.add(d)
     st.src, st.dst, st.features = src, dst, sorted(feats)
