@@ -110,7 +110,8 @@ def _capture_fx(module: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
     bnames = [n for n, _ in module.named_buffers()]
     state = dict(module.named_parameters())
     state.update(dict(module.named_buffers()))
-    values = [state[n] for n in pnames + bnames]
+    # copies: tracing runs the real forward, which must not update the caller's buffers (BN statistics)
+    values = [state[n].detach().clone() for n in pnames + bnames]
     names = pnames + bnames
 
     def run(values, args):

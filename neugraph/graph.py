@@ -49,6 +49,17 @@ class Block:
         n2 = self.second.numel()
         return self.first.repeat_interleave(n2), self.second.repeat(n1)
 
+    def fill_pairs(self, first: torch.Tensor, second: torch.Tensor) -> None:
+        """Write :meth:`pairs` into two preallocated (num_edges,) slices without temporaries."""
+        n1 = self.first.numel()
+        first.view(n1, -1).copy_(self.first[:, None].expand(n1, first.numel() // n1))
+        if self.rows_per_group:
+            groups = n1 // self.rows_per_group
+            cols = self.second.view(groups, 1, -1)
+            second.view(groups, self.rows_per_group, -1).copy_(cols.expand(groups, self.rows_per_group, cols.shape[-1]))
+        else:
+            second.view(n1, -1).copy_(self.second[None, :].expand(n1, self.second.numel()))
+
     def bipartite(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The block as complete bipartite pieces (node sets), for structure-aware algorithms."""
         if self.rows_per_group:
@@ -112,15 +123,18 @@ class NeuralGraph:
     def edge_index(self) -> torch.Tensor:
         """(2, E) long: sources in row 0, targets in row 1 (materialised once, on first use)."""
         if self._edge_index is None:
-            srcs, dsts = [], []
+            out = torch.empty(2, self.num_edges, dtype=torch.long)  # filled block by block: one copy only
+            e = 0
             for b in self.blocks:
-                f, s = b.pairs()
-                srcs.append(f if b.src_is_first else s)
-                dsts.append(s if b.src_is_first else f)
+                a, c = out[0, e: e + b.num_edges], out[1, e: e + b.num_edges]
+                b.fill_pairs(a, c) if b.src_is_first else b.fill_pairs(c, a)
+                e += b.num_edges
             for a in self.aux:
-                srcs.append(a.src)
-                dsts.append(a.dst)
-            self._edge_index = torch.stack([torch.cat(srcs), torch.cat(dsts)]) if srcs else torch.zeros(2, 0, dtype=torch.long)
+                n = a.src.numel()
+                out[0, e: e + n] = a.src
+                out[1, e: e + n] = a.dst
+                e += n
+            self._edge_index = out
         return self._edge_index
 
     @property

@@ -56,6 +56,19 @@ def _fix_signs(vecs: np.ndarray) -> np.ndarray:
     return vecs * signs
 
 
+def _top_eigs(Q: np.ndarray, k: int, dense_limit: int = 1500) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of the symmetric quotient: all of them when small, else the ``k`` largest."""
+    C = Q.shape[0]
+    if C <= dense_limit:
+        return np.linalg.eigh(Q)
+    import scipy.sparse as sps
+    import scipy.sparse.linalg as spl
+
+    mu, V = spl.eigsh(sps.csr_matrix(Q), k=min(k, C - 1), which="LA", tol=1e-10)
+    order = np.argsort(mu)
+    return mu[order], V[:, order]
+
+
 def lpe_blocks(num_nodes: int, pieces: list[Piece], k: int = 8) -> tuple[torch.Tensor, np.ndarray]:
     """(num_nodes, k) Laplacian eigenvectors (trivial one dropped) and their eigenvalues."""
     if k <= 0 or num_nodes == 0:
@@ -64,7 +77,7 @@ def lpe_blocks(num_nodes: int, pieces: list[Piece], k: int = 8) -> tuple[torch.T
     sq = np.sqrt(n / deg)
     Q = off * np.outer(sq, sq)
     Q[np.diag_indices(C)] = np.where(selfblock, n, 1.0) / deg
-    mu, V = np.linalg.eigh(Q)
+    mu, V = _top_eigs(Q, k + 1)
     cand = [(1.0 - m, 0, j) for j, m in enumerate(mu)]
     for a in range(C):
         if n[a] >= 2:

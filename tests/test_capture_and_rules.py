@@ -76,6 +76,25 @@ class Gate(nn.Module):
         return -x
 
 
+class CustomOpWithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Linear(3, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(cpu_only_scale(self.a(x)))
+
+
+@pytest.mark.parametrize("module", [CustomOpWithBatchNorm, lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))])
+def test_tracing_never_changes_the_users_model(module):
+    m = module()
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    neugraph.trace(m, torch.randn(8, 3) * 5 + 3)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert m.training
+
+
 def test_untraceable_module_gets_a_clear_error():
     with pytest.raises(CaptureError) as e:
         neugraph.trace(DataDependent(), torch.randn(2, 3))
@@ -227,3 +246,26 @@ def test_verify_never_touches_the_users_model():
     assert neugraph.verify(m, torch.randn(4, 3), trials=3).ok
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert next(m.parameters()).dtype == torch.float32
+
+
+def test_explicit_addmm_mm_matmul_bmm_einsum():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.b1 = nn.Parameter(torch.randn(3, 5)), nn.Parameter(torch.randn(5))
+            self.w2 = nn.Parameter(torch.randn(5, 4))
+            self.w3 = nn.Parameter(torch.randn(4, 6))
+            self.w4 = nn.Parameter(torch.randn(6, 2))
+
+        def forward(self, x):
+            h = torch.tanh(torch.addmm(self.b1, x, self.w1))  # (B, 5)
+            h = torch.tanh(torch.mm(h, self.w2))  # (B, 4)
+            h = torch.tanh(torch.bmm(h[None], self.w3[None]))[0]  # (B, 6)
+            h = torch.tanh(torch.einsum("bi,ij->bj", h, self.w4))
+            return h @ torch.ones(2, 1, dtype=h.dtype)
+
+    m = M()
+    ir = neugraph.trace(m, torch.randn(2, 3))
+    assert ir.group_summary()["free_spaces"] == [2, 4, 5, 6]
+    assert ir.states["w1"].kind == "dense" and (ir.states["w1"].src, ir.states["w1"].dst) == (0, 1)
+    assert neugraph.verify(m, torch.randn(8, 3), trials=4).ok
