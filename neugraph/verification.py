@@ -87,7 +87,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def _flat(graph, state: dict) -> torch.Tensor:
+def _flat_state(graph, state: dict) -> torch.Tensor:
     return torch.cat([state[n].detach().reshape(-1) for n in graph.param_names])
 
 
@@ -161,7 +161,7 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     base = _run(model, state, args, kw)
-    flat = _flat(graph, state)
+    flat = _flat_state(graph, state)
     counts = {"good": [0, 0], "equivariance": [0, 0], "bad": [0, 0], "coverage": [0, 0], "round_trip": [0, 0]}
     failures: list[str] = []
     max_err, min_change = 0.0, float("inf")
@@ -177,7 +177,7 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
             counts["good"][0] += 1
         else:
             failures.append(f"good permutation changed outputs by {err:.3g} relative")
-        flat_perm = _flat(graph, new_state)
+        flat_perm = _flat_state(graph, new_state)
         graph_perm = emit(trace(model, args, kw), profile=profile, lpe=0) if t == 0 else graph
         why = equivariant(graph, graph_perm, perm, flat, flat_perm)
         counts["equivariance"][1] += 1
@@ -193,7 +193,7 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
         out = _run(model, new_state, args, kw)
         change = _rel(out, base)
         min_change = min(min_change, change)
-        h = graph_hash(graph, _flat(graph, new_state))
+        h = graph_hash(graph, _flat_state(graph, new_state))
         counts["bad"][1] += 1
         if change > rtol and h != base_hash:  # a bad permutation must move the outputs past rtol
             counts["bad"][0] += 1

@@ -63,9 +63,10 @@ class MLP(nn.Module):
 def mlps(draw) -> Case:
     d_in = draw(st.integers(1, 6))
     norm = draw(st.sampled_from(["none", "layernorm", "rms"]))
-    # a norm over one feature outputs a constant (layer norm) or a sign (RMS norm): the layers
-    # before it would be (almost) dead, so normalised layers get at least two features
-    widths = draw(st.lists(st.integers(1 if norm == "none" else 2, 10), min_size=1, max_size=4))
+    # a norm over too few features keeps almost nothing of its input (layer norm over 1 feature is
+    # a constant, over 2 a sign; RMS norm over 1 is a sign): the layers before it would be nearly
+    # dead, so layer-normed layers get at least 3 features and RMS-normed ones at least 2
+    widths = draw(st.lists(st.integers({"none": 1, "rms": 2, "layernorm": 3}[norm], 10), min_size=1, max_size=4))
     d_out = draw(st.integers(1, 5))
     m = MLP(d_in, widths, d_out, draw(st.sampled_from(SMOOTH)), norm,
             draw(st.booleans()), draw(st.one_of(st.none(), st.integers(0, 4))))
@@ -207,7 +208,7 @@ class ResMLP(nn.Module):
 @st.composite
 def resnets(draw) -> Case:
     if draw(st.booleans()):
-        d_in, d = draw(st.integers(1, 5)), draw(st.integers(2, 8))
+        d_in, d = draw(st.integers(1, 5)), draw(st.integers(3, 8))  # layer norm over >= 3 features
         hidden = draw(st.lists(st.integers(1, 8), min_size=1, max_size=3))
         return Case("resmlp", ResMLP(d_in, d, hidden, draw(st.integers(1, 4))), (torch.randn(16, d_in),), _known([d, *hidden]))
     in_ch, c0 = draw(st.integers(1, 3)), draw(st.integers(2, 6))
