@@ -113,15 +113,23 @@ class ModelIR:
         g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
         sp = self.spaces
         options: list[tuple] = []
-        uses: dict[int, list[tuple[str, int]]] = {}
+        # where each plain space sits in parameter axes: (state, axis, offset; None = grouped columns)
+        uses: dict[int, list[tuple[str, int, int | None]]] = {}
         for st in self.states.values():
             if not st.is_param:
                 continue
             for d, a in enumerate(st.axes):
                 if st.grouped is not None and d == st.grouped[0]:
+                    for c in st.grouped[1]:
+                        for leaf in sp.leaves(c):
+                            uses.setdefault(leaf, []).append((st.name, d, None))
                     continue
-                if sp.kind(a) == "plain":
-                    uses.setdefault(sp.find(a), []).append((st.name, d))
+                if sp.kind(a) == "kron":
+                    continue
+                off = 0
+                for leaf in sp.leaves(a):
+                    uses.setdefault(leaf, []).append((st.name, d, off))
+                    off += sp.size[leaf]
         for leaf in self.bound_leaves():
             if sp.size[leaf] > 1 and sp.is_pinned(leaf) and leaf in uses:
                 options.append(("pinned", leaf))
@@ -138,8 +146,13 @@ class ModelIR:
         perm = _nonidentity(n, g)
         if choice[0] == "pinned":
             return Permutation(self, {choice[1]: perm}, {}, kind=f"pinned space s{choice[1]} permuted")
-        name, axis = choice[2]
-        return Permutation(self, {}, {}, overrides={(name, axis): perm},
+        name, axis, off = choice[2]
+        if off is None:  # grouped columns: the same permutation in every group, on this side only
+            idx = _nonidentity(self.states[name].shape[axis], g)
+        else:
+            idx = np.arange(self.states[name].shape[axis])
+            idx[off: off + n] = off + perm
+        return Permutation(self, {}, {}, overrides={(name, axis): idx},
                            kind=f"only {name} axis {axis} permuted (space s{choice[1]} is tied)")
 
 

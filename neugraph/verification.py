@@ -13,6 +13,7 @@ canonical basis (the published model is trained with random sign flips for the s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,10 +77,32 @@ def _outputs(out: Any) -> torch.Tensor:
     return torch.cat([t.detach().double().reshape(-1) for t in leaves if t.is_floating_point()])
 
 
+_DROPOUTS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+
+
+@contextlib.contextmanager
+def _without_dropout():
+    """Dropout as the identity while outputs are compared: a random mask follows positions, not
+    neurons, so it would make a true symmetry look broken."""
+    import torch.nn.functional as F
+
+    saved = {name: getattr(F, name) for name in _DROPOUTS}
+    saved_torch = torch.dropout
+    try:
+        for name in _DROPOUTS:
+            setattr(F, name, lambda x, *a, **k: x)
+        torch.dropout = lambda x, *a, **k: x
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(F, name, fn)
+        torch.dropout = saved_torch
+
+
 def _run(model: torch.nn.Module, state: dict, args: tuple, kwargs: dict) -> torch.Tensor:
     model.load_state_dict(state, strict=False)
     torch.manual_seed(0)
-    with torch.no_grad():
+    with torch.no_grad(), _without_dropout():
         return _outputs(model(*args, **kwargs))
 
 

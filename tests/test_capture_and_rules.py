@@ -268,3 +268,19 @@ def test_explicit_addmm_mm_matmul_bmm_einsum():
     assert ir.group_summary()["free_spaces"] == [2, 4, 5, 6]
     assert ir.states["w1"].kind == "dense" and (ir.states["w1"].src, ir.states["w1"].dst) == (0, 1)
     assert neugraph.verify(m, torch.randn(8, 3), trials=4).ok
+
+
+def test_functional_dropout_in_training_mode_does_not_break_verification():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.dropout(torch.tanh(self.a(x)), 0.5, self.training))
+
+    m = M().train()
+    ir = neugraph.trace(m, torch.randn(4, 3))
+    assert ir.group_summary()["free_spaces"] == [6]
+    assert neugraph.verify(m, torch.randn(8, 3), trials=4).ok
+    assert torch.nn.functional.dropout(torch.ones(1000), 0.5, True).eq(0).any()  # restored afterwards
