@@ -40,14 +40,9 @@ class Block:
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(first, second) node id of every edge of the block, in edge order."""
-        n1 = self.first.numel()
-        if self.rows_per_group:
-            groups = n1 // self.rows_per_group
-            cols = self.second.view(groups, 1, -1).expand(groups, self.rows_per_group, -1)
-            n2 = cols.shape[-1]
-            return self.first.repeat_interleave(n2), cols.reshape(-1)
-        n2 = self.second.numel()
-        return self.first.repeat_interleave(n2), self.second.repeat(n1)
+        first, second = torch.empty(self.num_edges, dtype=torch.long), torch.empty(self.num_edges, dtype=torch.long)
+        self.fill_pairs(first, second)
+        return first, second
 
     def fill_pairs(self, first: torch.Tensor, second: torch.Tensor) -> None:
         """Write :meth:`pairs` into two preallocated (num_edges,) slices without temporaries."""

@@ -264,23 +264,17 @@ def _layout(sp: Spaces, st: StateInfo, role: dict) -> None:
     src, dst = role.get("src"), role.get("dst")
     feats |= {d for d in range(r) if st.shape[d] == 1 and d not in (src, dst)}
     node_axes = [d for d in range(r) if d not in feats]
-    if src in node_axes and dst in node_axes and src != dst:
-        pass
-    elif len(node_axes) == 1:
-        src, dst = None, node_axes[0]
-    elif len(node_axes) == 0:
-        src = dst = None
-    else:
+    if not (src in node_axes and dst in node_axes and src != dst):
         if len(node_axes) > 2:  # e.g. LayerNorm([C, H, W]): keep the neurons, positions become features
-            free = [d for d in node_axes if not sp.is_pinned(st.axes[d])]
-            if free:
-                node_axes = free
-        if len(node_axes) == 1:
-            a = b = node_axes[0]
+            node_axes = [d for d in node_axes if not sp.is_pinned(st.axes[d])] or node_axes
+        if not node_axes:
+            src = dst = None
+        elif len(node_axes) == 1:
+            src, dst = None, node_axes[0]
         else:
             a, b = node_axes[0], node_axes[1]
-        pa, pb = sp.is_pinned(st.axes[a]), sp.is_pinned(st.axes[b])
-        src, dst = (None, a) if a == b else ((a, b) if (pa and not pb) else (b, a))
+            pa, pb = sp.is_pinned(st.axes[a]), sp.is_pinned(st.axes[b])
+            src, dst = (a, b) if (pa and not pb) else (b, a)
     keep = {d for d in (src, dst) if d is not None}
     for d in range(r):
         if d not in keep and d not in feats:
