@@ -1,5 +1,22 @@
 """Nowcasters that consume compiled neural graphs (NiNo GNN, WNN+, Linefit, Linefit+).
 
-Depends on :mod:`neugraph`'s public API only. The nowcasters, the optimizer wrapper and the
-training tasks land with their own issues; this package currently exposes nothing.
+Depends on :mod:`neugraph`'s public API only. Every nowcaster has
+``predict(graph, states, k) -> (num_params,)`` (see :mod:`nowcast.base`); ``load`` reads the
+published NiNo checkpoints and our own safetensors format, ``save`` writes the latter.
 """
+from .base import Nowcaster
+from .checkpoint import CheckpointError, load, save
+from .gnn import NiNoGNN
+from .linefit import Linefit, LinefitPlus
+from .scaling import METHODS as SCALING_METHODS
+from .scaling import Scales, scale, unscale
+from .scatter import get_backend as scatter_backend
+from .scatter import set_backend as set_scatter_backend
+from .wnn import WNNPlus
+
+__all__ = ["Nowcaster", "NiNoGNN", "WNNPlus", "Linefit", "LinefitPlus", "load", "save", "CheckpointError",
+           "scale", "unscale", "Scales", "SCALING_METHODS", "scatter_backend", "set_scatter_backend"]
+
+# ---- optimizer wrapper (nowcast/optim.py, added by its own change) -------------------------------
+# from .optim import NiNo
+# __all__ += ["NiNo"]
