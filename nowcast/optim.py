@@ -1,0 +1,494 @@
+"""``NiNo``: a ``torch.optim.Optimizer`` that wraps any base optimizer and periodically nowcasts.
+
+Most steps are the base optimizer's. Every cycle (``period`` steps, see :mod:`nowcast.schedule`)
+NiNo records ``ctx`` parameter states, ``period // ctx`` steps apart, and replaces the base step at
+the ``ctx``-th state by a nowcast: the parameters are set to ``nowcaster.predict(graph, states, k)``.
+
+Exactly which calls do what (0-based count ``s`` of ``step()`` calls; constant period ``P``,
+``I = P // ctx``): the call ``s`` records the parameters as they are before it when
+``(s + 1) % I == 0`` and ``(s + 1) % P != 0``; the call with ``(s + 1) % P == 0`` is the nowcast
+(its ``ctx``-th state is the current parameters). ``period=1000, ctx=5``: states before calls
+199, 399, 599, 799; call 999 nowcasts from those and the current parameters; then 1199 ... 1999.
+
+Safety: a nowcast whose values are NaN, inf or out of the parameter dtype's range, or (when
+``step(closure)`` is given) whose loss is not finite or above ``spike_factor`` times the loss
+before it, is rolled back to the exact previous parameters and skipped (that step changes
+nothing), with a :class:`NowcastRejectedWarning` and ``state["nowcasts_rejected"] += 1``. If
+``predict`` raises, the parameters and NiNo's state are untouched and :class:`NowcastError`
+propagates (a later ``step()`` retries the nowcast).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, Union
+
+import torch
+
+from .schedule import KSchedule, NowcastSchedule, PeriodLike
+
+if TYPE_CHECKING:  # neugraph is imported lazily, only when a graph has to be compiled
+    from neugraph import NeuralGraph
+
+Closure = Callable[[], Union[float, torch.Tensor]]
+
+__all__ = ["NiNo", "Nowcaster", "NowcastError", "NowcastRejectedWarning"]
+
+
+class Nowcaster(Protocol):
+    """What NiNo needs from a nowcaster (see ``nowcast.base``)."""
+
+    needs_graph: bool
+
+    def predict(self, graph: Optional["NeuralGraph"], states: torch.Tensor, k: int) -> torch.Tensor: ...
+
+
+class NowcastError(RuntimeError):
+    """The nowcaster failed; the model's parameters and NiNo's state were not changed."""
+
+
+class NowcastRejectedWarning(RuntimeWarning):
+    """A nowcast was rolled back: non-finite parameters, or a non-finite or spiking loss."""
+
+
+def _collect(model_or_params: Any) -> tuple[Optional[torch.nn.Module], Optional[list[str]], list[torch.Tensor]]:
+    """(module, names, params) with tied parameters once, in ``named_parameters()`` order."""
+    if isinstance(model_or_params, torch.nn.Module):
+        named = list(model_or_params.named_parameters())
+        return model_or_params, [n for n, _ in named], [p for _, p in named]
+    if isinstance(model_or_params, torch.Tensor):
+        raise TypeError("NiNo needs a model or an iterable of parameters, not a single tensor; "
+                        "pass model or [tensor]")
+    names: list[str] = []
+    params: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for item in model_or_params:
+        if isinstance(item, dict):  # a param group
+            group = item["params"]
+            pairs = [(None, group)] if isinstance(group, torch.Tensor) else [(None, p) for p in group]
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
+            pairs = [item]
+        elif isinstance(item, torch.Tensor):
+            pairs = [(None, item)]
+        else:
+            raise TypeError(f"NiNo got a {type(item).__name__} among the parameters; pass a model, tensors, "
+                            "(name, tensor) pairs or param-group dicts")
+        for name, p in pairs:
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+                names.append(name)
+    if not params:
+        raise ValueError("NiNo got an empty parameter list")
+    return None, (names if all(n is not None for n in names) else None), params
+
+
+def _as_float(loss: Any) -> float:
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+
+class NiNo(torch.optim.Optimizer):
+    """Wrap ``base_optimizer`` and replace one of its steps per cycle by a nowcast.
+
+    Args:
+        model_or_params: the model (preferred: names, tied parameters and the graph come from it)
+            or its parameters in ``named_parameters()`` order.
+        base_optimizer: any ``torch.optim.Optimizer`` over (some of) these parameters. NiNo's
+            ``param_groups`` *is* its list, so LR schedulers on either object work.
+        nowcaster: has ``predict(graph, states, k)`` and ``needs_graph``; ``None`` makes NiNo a
+            transparent wrapper (a baseline with the same loop).
+        period: cycle length (int, multiple of ``ctx``) or a :class:`~nowcast.schedule.DynamicPeriod`.
+        ctx: states per nowcast (>= 2), oldest first; must equal ``nowcaster.ctx`` if it has one.
+        total_steps: planned number of ``step()`` calls; needed by ``k_schedule="decay"`` and
+            ``DynamicPeriod``.
+        example_inputs, graph: for a nowcaster with ``needs_graph``: a compiled
+            ``neugraph.NeuralGraph``, or inputs to compile the model with
+            ``neugraph.compile(model, example_inputs, profile=graph_profile)``.
+        k_schedule: ``"decay"`` (NINO_V1.md, ``max_k`` down to 1 with power ``k_power``), an int,
+            or a callable ``(cycle, step) -> k``.
+        history_device: ``"cpu"`` (default), ``"param"`` (the first trainable parameter's device)
+            or any device. ``history_dtype``: default the parameters' (promoted) dtype, so the
+            history is exact; ``torch.bfloat16`` halves it.
+        nowcast_device: where ``states`` are built and ``predict`` runs; default the nowcaster's
+            own parameters' device, else the first trainable parameter's device.
+        spike_factor: with ``step(closure)``: reject a nowcast whose loss after exceeds
+            ``before + (spike_factor - 1) * |before|`` (``spike_factor`` times the loss for
+            positive losses). ``None``: only non-finite losses are rejected.
+
+    Trainable parameters are those with ``requires_grad`` that the base optimizer holds, fixed at
+    construction; only they are recorded and changed. Other parameters enter ``states`` as their
+    current value repeated. ``states`` is float32 ``(num_params, ctx)`` in parameter order.
+    ``state`` holds ``step``, ``cycle``, ``cycle_start``, ``history``, ``nowcasts``,
+    ``nowcasts_rejected`` and ``last_nowcast``; the base optimizer's per-parameter state stays in
+    ``base_optimizer.state``. ``state_dict()`` holds both, so a resumed run continues exactly.
+    """
+
+    def __init__(self, model_or_params: Any, base_optimizer: torch.optim.Optimizer,
+                 nowcaster: Optional[Nowcaster], period: PeriodLike = 1000, ctx: int = 5,
+                 total_steps: Optional[int] = None, example_inputs: Any = None,
+                 graph: Optional["NeuralGraph"] = None, *, k_schedule: KSchedule = "decay",
+                 k_power: float = 2.0, max_k: int = 40, history_device: Union[str, torch.device] = "cpu",
+                 history_dtype: Optional[torch.dtype] = None,
+                 nowcast_device: Union[str, torch.device, None] = None,
+                 spike_factor: Optional[float] = None, graph_profile: str = "nino") -> None:
+        if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, NiNo):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer (not NiNo), got "
+                            f"{type(base_optimizer).__name__}")
+        self.base_optimizer = base_optimizer
+        self._init_hooks()
+        module, self.param_names, self._params = _collect(model_or_params)
+
+        held = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+        extra = held - {id(p) for p in self._params}
+        if extra:
+            raise ValueError(f"the base optimizer holds {len(extra)} tensor(s) that are not parameters of the "
+                             "model given to NiNo; pass the model (or all parameters) the base optimizer trains")
+        self._offsets: list[int] = []
+        self._tracked: list[int] = []  # indices into self._params
+        self._tracked_offsets: dict[int, int] = {}
+        offset = tracked_offset = 0
+        for i, p in enumerate(self._params):
+            self._offsets.append(offset)
+            offset += p.numel()
+            if p.requires_grad and id(p) in held:
+                self._tracked.append(i)
+                self._tracked_offsets[i] = tracked_offset
+                tracked_offset += p.numel()
+        self.num_params, self.num_tracked = offset, tracked_offset
+
+        if spike_factor is not None and not (isinstance(spike_factor, (int, float)) and spike_factor >= 1):
+            raise ValueError(f"spike_factor must be None or a number >= 1, got {spike_factor!r}")
+        self.spike_factor = spike_factor
+        self.nowcaster = nowcaster
+        self.ctx = ctx
+        self.schedule: Optional[NowcastSchedule] = None
+        self.graph: Optional["NeuralGraph"] = None
+        tracked = [self._params[i] for i in self._tracked]
+        if history_device == "param":
+            history_device = tracked[0].device if tracked else torch.device("cpu")
+        self.history_device = torch.device(history_device)
+        if history_dtype is None:
+            history_dtype = torch.float32
+            if tracked:
+                history_dtype = tracked[0].dtype
+                for p in tracked[1:]:
+                    history_dtype = torch.promote_types(history_dtype, p.dtype)
+        self.history_dtype = history_dtype
+        if nowcaster is not None:
+            self._check_nowcaster(nowcaster, ctx)
+            self.schedule = NowcastSchedule(period, ctx, total_steps, k_schedule, k_power, max_k)
+            if getattr(nowcaster, "needs_graph", False):
+                self.graph = self._resolve_graph(module, example_inputs, graph, graph_profile)
+            if nowcast_device is None:
+                own = next(iter(nowcaster.parameters()), None) if isinstance(nowcaster, torch.nn.Module) else None
+                nowcast_device = own.device if own is not None else (
+                    tracked[0].device if tracked else torch.device("cpu"))
+        self.nowcast_device = torch.device(nowcast_device) if nowcast_device is not None else torch.device("cpu")
+        self._length_cache: tuple[int, int, int] = (-1, -1, 0)
+        self.state: dict[str, Any] = {"step": 0, "cycle": 0, "cycle_start": 0, "history": [],
+                                      "nowcasts": 0, "nowcasts_rejected": 0, "last_nowcast": None}
+
+    # ---- torch.optim.Optimizer plumbing ------------------------------------------------------
+    def _init_hooks(self) -> None:
+        """What ``Optimizer.__init__`` sets up, without building param groups of our own."""
+        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The base optimizer's list itself (also after ``load_state_dict`` replaces it)."""
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.base_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.base_optimizer.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("step", None)  # an LR scheduler's per-instance wrapper of step() (a closure)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        sched = self.schedule.describe() if self.schedule else None
+        return (f"NiNo(nowcaster={type(self.nowcaster).__name__}, schedule={sched}, "
+                f"base_optimizer={self.base_optimizer!r})")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Added to the base optimizer; NiNo never nowcasts parameters added after construction."""
+        self.base_optimizer.add_param_group(param_group)
+
+    # ---- construction checks ----------------------------------------------------------------
+    @staticmethod
+    def _check_nowcaster(nowcaster: Any, ctx: int) -> None:
+        if not callable(getattr(nowcaster, "predict", None)):
+            raise TypeError(f"nowcaster must have predict(graph, states, k); {type(nowcaster).__name__} has not")
+        own = getattr(nowcaster, "ctx", None)
+        if isinstance(own, int) and own != ctx:
+            raise ValueError(f"ctx={ctx} but the nowcaster was built for ctx={own} states; pass ctx={own}")
+
+    def _resolve_graph(self, module: Optional[torch.nn.Module], example_inputs: Any,
+                       graph: Optional["NeuralGraph"], profile: str) -> "NeuralGraph":
+        name = type(self.nowcaster).__name__
+        if graph is None:
+            if module is None:
+                raise ValueError(f"{name} needs a neural graph: pass graph=neugraph.compile(model, example_inputs, "
+                                 f"profile={profile!r}), or give NiNo the model itself and example_inputs")
+            if example_inputs is None:
+                raise ValueError(f"{name} needs a neural graph: pass example_inputs (a batch of model inputs, or a "
+                                 f"tuple of forward() arguments) so NiNo can compile the model, or "
+                                 f"graph=neugraph.compile(model, example_inputs, profile={profile!r})")
+            import neugraph
+
+            graph = neugraph.compile(module, example_inputs, profile=profile)
+        if graph.num_params != self.num_params:
+            raise ValueError(f"the graph has {graph.num_params} parameters but the model has {self.num_params}; "
+                             "compile the graph from this model (tied parameters count once)")
+        if self.param_names is not None and list(graph.param_names) != self.param_names:
+            diff = next(i for i, (a, b) in enumerate(zip(graph.param_names, self.param_names)) if a != b)
+            raise ValueError(f"the graph's parameter order differs from the model's at position {diff}: "
+                             f"{graph.param_names[diff]!r} vs {self.param_names[diff]!r}; compile the graph "
+                             "from this model")
+        shapes = [tuple(p.shape) for p in self._params]
+        if [tuple(s) for s in graph.param_shapes] != shapes:
+            raise ValueError("the graph's parameter shapes differ from the model's; compile the graph from "
+                             "this model, with parameters in named_parameters() order")
+        return graph
+
+    # ---- schedule ----------------------------------------------------------------------------
+    def _cycle_length(self) -> int:
+        cycle, start = self.state["cycle"], self.state["cycle_start"]
+        if self._length_cache[:2] != (cycle, start):
+            assert self.schedule is not None
+            self._length_cache = (cycle, start, self.schedule.length(cycle, start))
+        return self._length_cache[2]
+
+    @property
+    def next_nowcast_step(self) -> Optional[int]:
+        """0-based index of the ``step()`` call that will be the next nowcast (``None``: never)."""
+        if self.nowcaster is None:
+            return None
+        return self.state["cycle_start"] + self._cycle_length() - 1
+
+    @property
+    def need_grads(self) -> bool:
+        """False when the next ``step()`` is a nowcast: the loop may skip the backward pass."""
+        return self.next_nowcast_step != self.state["step"]
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self, closure: Optional[Closure] = None) -> Any:  # type: ignore[override]
+        """A base step, or a nowcast at the end of a cycle (then ``closure``, if given, is called
+        before and after it for the safety check; its gradients are not used)."""
+        st = self.state
+        if self.nowcaster is None:
+            loss = self.base_optimizer.step(closure)
+            st["step"] += 1
+            return loss
+        length = self._cycle_length()
+        q = st["step"] - st["cycle_start"] + 1  # 1-based position in the cycle
+        interval = length // self.ctx
+        if q < length and q % interval == 0:
+            self._record(q // interval)
+        if q >= length:
+            loss = self._nowcast(closure)
+        else:
+            loss = self.base_optimizer.step(closure)
+        st["step"] += 1
+        return loss
+
+    def _record(self, m: int) -> None:
+        """Append state ``m`` (1-based) unless a failed, retried step already did."""
+        history = self.state["history"]
+        if len(history) >= m:
+            return
+        if len(history) != m - 1:
+            raise RuntimeError(f"NiNo history has {len(history)} states at the {m}-th recording point; "
+                               "the state was edited or loaded inconsistently")
+        flat = torch.empty(self.num_tracked, dtype=self.history_dtype, device=self.history_device)
+        for i in self._tracked:
+            p, o = self._params[i], self._tracked_offsets[i]
+            flat[o: o + p.numel()].copy_(p.detach().reshape(-1))
+        history.append(flat)
+
+    def _states(self) -> torch.Tensor:
+        """(num_params, ctx) float32: recorded states, then the current parameters."""
+        history, ctx = self.state["history"], self.ctx
+        states = torch.empty(self.num_params, ctx, dtype=torch.float32, device=self.nowcast_device)
+        for i, p in enumerate(self._params):
+            o, n = self._offsets[i], p.numel()
+            cur = p.detach().reshape(-1)
+            if i in self._tracked_offsets:
+                to = self._tracked_offsets[i]
+                for t, h in enumerate(history):
+                    states[o: o + n, t].copy_(h[to: to + n])
+                states[o: o + n, ctx - 1].copy_(cur)
+            else:
+                states[o: o + n].copy_(cur.unsqueeze(1).expand(n, ctx))
+        return states
+
+    def _nowcast(self, closure: Optional[Closure]) -> Any:
+        st = self.state
+        s, cycle = st["step"], st["cycle"]
+        assert self.schedule is not None and self.nowcaster is not None
+        if len(st["history"]) != self.ctx - 1:
+            raise RuntimeError(f"NiNo expected {self.ctx - 1} recorded states at the nowcast of step {s}, "
+                               f"found {len(st['history'])}; the state was edited or loaded inconsistently")
+        k = self.schedule.k(cycle, s)
+        loss_before = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss_before = closure()
+        states = self._states()
+        try:
+            with torch.no_grad():
+                pred = self.nowcaster.predict(self.graph, states, k)
+        except Exception as e:
+            raise NowcastError(f"{type(self.nowcaster).__name__}.predict failed at step {s} (k={k}): "
+                               f"{type(e).__name__}: {e}. The model's parameters and NiNo's state were not "
+                               "changed; calling step() again retries the nowcast") from e
+        del states
+        if not isinstance(pred, torch.Tensor) or tuple(pred.shape) != (self.num_params,):
+            got = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
+            raise NowcastError(f"{type(self.nowcaster).__name__}.predict returned {got}; expected a tensor of "
+                               f"shape ({self.num_params},) (one value per parameter element). The model's "
+                               "parameters were not changed")
+        reason = self._bad_values(pred)
+        loss = loss_before
+        if reason is None:
+            backup = [self._params[i].detach().clone() for i in self._tracked] if closure is not None else None
+            self._write(pred)
+            if closure is not None:
+                try:
+                    with torch.enable_grad():
+                        loss_after = closure()
+                except BaseException:
+                    self._restore(backup)
+                    raise
+                reason = self._loss_problem(loss_before, loss_after)
+                if reason is None:
+                    loss = loss_after
+                else:
+                    self._restore(backup)
+        self._finish(s, k, reason)
+        return loss
+
+    def _bad_values(self, pred: torch.Tensor) -> Optional[str]:
+        """Why ``pred`` may not be written (NaN, inf, beyond the parameter dtype's range), or None."""
+        nan = inf = over = 0
+        first = None
+        for i in self._tracked:
+            p, o = self._params[i], self._offsets[i]
+            v = pred[o: o + p.numel()]
+            n_nan, n_inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+            n_over = int((v.abs() > torch.finfo(p.dtype).max).sum()) - n_inf if p.dtype.is_floating_point else 0
+            if (n_nan or n_inf or n_over) and first is None:
+                first = self.param_names[i] if self.param_names else f"parameter #{i}"
+            nan, inf, over = nan + n_nan, inf + n_inf, over + n_over
+        if first is None:
+            return None
+        parts = [f"{c} {w}" for c, w in ((nan, "NaN"), (inf, "inf"), (over, "beyond the parameter dtype's range"))
+                 if c]
+        return f"the prediction has {', '.join(parts)} value(s) (first in {first!r})"
+
+    def _loss_problem(self, before: Any, after: Any) -> Optional[str]:
+        a = _as_float(after)
+        if not math.isfinite(a):
+            return f"the loss after the nowcast is {a}"
+        if self.spike_factor is not None and before is not None:
+            b = _as_float(before)
+            if a > b + (self.spike_factor - 1) * abs(b):
+                return (f"loss spike: {a:.6g} after the nowcast vs {b:.6g} before "
+                        f"(spike_factor={self.spike_factor})")
+        return None
+
+    @torch.no_grad()
+    def _write(self, pred: torch.Tensor) -> None:
+        for i in self._tracked:
+            p, o = self._params[i], self._offsets[i]
+            p.copy_(pred[o: o + p.numel()].reshape(p.shape))
+
+    @torch.no_grad()
+    def _restore(self, backup: Optional[list[torch.Tensor]]) -> None:
+        assert backup is not None
+        for i, b in zip(self._tracked, backup):
+            self._params[i].copy_(b)
+
+    def _finish(self, s: int, k: int, reason: Optional[str]) -> None:
+        st = self.state
+        st["history"] = []
+        st["cycle"] += 1
+        st["cycle_start"] = s + 1
+        st["last_nowcast"] = {"step": s, "k": k, "accepted": reason is None, "reason": reason}
+        if reason is None:
+            st["nowcasts"] += 1
+            return
+        st["nowcasts_rejected"] += 1
+        warnings.warn(f"NiNo: nowcast at step {s} (k={k}) rejected: {reason}. The parameters were restored "
+                      "exactly and this step was skipped; training continues with the base optimizer "
+                      f"(state['nowcasts_rejected'] = {st['nowcasts_rejected']})", NowcastRejectedWarning,
+                      stacklevel=5)
+
+    # ---- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base optimizer's ``state``/``param_groups`` plus ``"nino"``: history and counters."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        base = self.base_optimizer.state_dict()
+        st = self.state
+        nino = {"version": 1, "num_params": self.num_params, "num_tracked": self.num_tracked, "ctx": self.ctx,
+                "step": st["step"], "cycle": st["cycle"], "cycle_start": st["cycle_start"],
+                "history": list(st["history"]), "nowcasts": st["nowcasts"],
+                "nowcasts_rejected": st["nowcasts_rejected"],
+                "last_nowcast": dict(st["last_nowcast"]) if st["last_nowcast"] else None}
+        out = {"state": base["state"], "param_groups": base["param_groups"], "nino": nino}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, out)
+            if result is not None:
+                out = result
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if "nino" not in state_dict:
+            raise ValueError("not a NiNo state dict (no 'nino' entry); to load a plain base optimizer's state "
+                             "use nino.base_optimizer.load_state_dict(...)")
+        nino = state_dict["nino"]
+        for key, mine in (("num_params", self.num_params), ("num_tracked", self.num_tracked), ("ctx", self.ctx)):
+            if nino[key] != mine:
+                raise ValueError(f"the state dict was saved with {key}={nino[key]} but this NiNo has {key}={mine}; "
+                                 "build the model, the base optimizer (same trainable parameters) and NiNo as "
+                                 "in the saved run")
+        if any(h.numel() != self.num_tracked for h in nino["history"]) or len(nino["history"]) >= self.ctx:
+            raise ValueError("the state dict's history does not fit this model (wrong sizes or too many states)")
+        self.base_optimizer.load_state_dict({"state": state_dict["state"],
+                                             "param_groups": state_dict["param_groups"]})
+        self.state.update({
+            "step": int(nino["step"]), "cycle": int(nino["cycle"]), "cycle_start": int(nino["cycle_start"]),
+            "history": [h.to(device=self.history_device, dtype=self.history_dtype) for h in nino["history"]],
+            "nowcasts": int(nino["nowcasts"]), "nowcasts_rejected": int(nino["nowcasts_rejected"]),
+            "last_nowcast": dict(nino["last_nowcast"]) if nino["last_nowcast"] else None})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
