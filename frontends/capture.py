@@ -73,18 +73,29 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return (example_inputs,)
 
 
+def _canonical_names(module: torch.nn.Module) -> dict[str, str]:
+    """Every name of a tied tensor -> the name ``named_parameters()``/``named_buffers()`` report."""
+    out: dict[str, str] = {}
+    for named in (module.named_parameters, module.named_buffers):
+        first: dict[int, str] = {}
+        for n, t in named(remove_duplicate=False):
+            out[n] = first.setdefault(id(t), n)
+    return out
+
+
 def _capture_export(module: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
     ep = torch.export.export(module, args, kwargs=kwargs or None, strict=False)
     sig = ep.graph_signature
     from torch.export.graph_signature import InputKind, OutputKind
 
+    canon = _canonical_names(module)
     params, buffers, inputs, constants = {}, {}, [], {}
     for spec in sig.input_specs:
         name = spec.arg.name
         if spec.kind == InputKind.PARAMETER:
-            params[name] = spec.target
+            params[name] = canon.get(spec.target, spec.target)
         elif spec.kind == InputKind.BUFFER:
-            buffers[name] = spec.target
+            buffers[name] = canon.get(spec.target, spec.target)
         elif spec.kind == InputKind.USER_INPUT:
             inputs.append(name)
         elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
@@ -127,12 +138,24 @@ def _capture_fx(module: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
     return Captured(gm.graph, "fx", params, buffers, inputs, outputs)
 
 
+def _is_hf_model(module: torch.nn.Module) -> bool:
+    """A Hugging Face ``PreTrainedModel`` whose forward takes ``use_cache`` (checked without importing transformers)."""
+    if not any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__):
+        return False
+    import inspect
+
+    return "use_cache" in inspect.signature(module.forward).parameters
+
+
 def capture(module: torch.nn.Module, example_inputs: Any, kwargs: dict | None = None) -> Captured:
     """Capture ``module`` called on ``example_inputs`` (a tensor or a tuple of arguments)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"capture() needs a torch.nn.Module, got {type(module).__name__}")
     args = _as_tuple(example_inputs)
     kwargs = dict(kwargs or {})
+    if _is_hf_model(module):
+        # a key/value cache is not a tensor output and adds nothing to the model's symmetry
+        kwargs.setdefault("use_cache", False)
     errors: list[str] = []
     for method, fn in (("torch.export", _capture_export), ("torch.fx.symbolic_trace", _capture_fx)):
         with _module_stack(module) as stack:

@@ -68,6 +68,8 @@ class Ctx:
     origin: dict[str, tuple[str, list]] = field(default_factory=dict)  # node -> (state name, axis map)
     roles: dict[str, dict] = field(default_factory=dict)  # state name -> role info
     grouped: dict[str, tuple] = field(default_factory=dict)  # state -> (axis, [spaces], block)
+    head_axes: set = field(default_factory=set)  # spaces made as the heads axis of a head split
+    repeated: dict[int, tuple] = field(default_factory=dict)  # kv heads axis -> (query heads axis, n_rep)
     unknown: Counter = field(default_factory=Counter)
     used_rules: Counter = field(default_factory=Counter)
 

@@ -54,6 +54,7 @@ class ModelIR:
     unknown_ops: dict[str, int]
     notes: list[str] = field(default_factory=list)
     module_name: str = ""
+    aliases: dict[str, str] = field(default_factory=dict)  # tied tensor's other state-dict names -> canonical
 
     # ---- reading the group ---------------------------------------------------------------------
     def bound_leaves(self) -> list[int]:
@@ -186,15 +187,21 @@ class Permutation:
         if s is not None and s[0] == "kron":
             outer = self.index(s[1], relabel)
             return (outer[:, None] * s[2] + np.arange(s[2])[None, :]).reshape(-1)
+        if s is not None and s[0] == "fam":  # never permuted inside heads (see Spaces._unify_family)
+            return np.arange(sp.size[space])
         leaves = sp.leaves(space)
         offs = np.cumsum([0] + [sp.size[x] for x in leaves])
-        pos = {leaf: int(o) for leaf, o in zip(leaves, offs)}
+        pos: dict[int, list[int]] = {}  # a leaf may repeat (a key/value head serving several query heads)
+        for leaf, o in zip(leaves, offs):
+            pos.setdefault(leaf, []).append(int(o))
+        seen: dict[int, int] = {}
         parts = []
         for leaf in leaves:
+            k = seen[leaf] = seen.get(leaf, -1) + 1
             src = self.relabel.get(leaf, leaf) if relabel else leaf
-            if src not in pos:
+            if src not in pos or len(pos[src]) != len(pos[leaf]):
                 raise RuntimeError("internal error: lane swap reads a block outside the axis")
-            parts.append(pos[src] + self.leaf_perm(leaf))
+            parts.append(pos[src][k] + self.leaf_perm(leaf))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def apply(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -222,6 +229,9 @@ class Permutation:
                     blocks.append(blk.index_select(axis, torch.as_tensor(idx, dtype=torch.long, device=t.device)))
                 t = torch.cat(blocks, 0)
             out[name] = t
+        for alias, name in self.ir.aliases.items():  # a tied tensor is saved under each of its names
+            if alias in out and name in out:
+                out[alias] = out[name]
         return out
 
 
@@ -254,7 +264,17 @@ def build(inference, cap, module: torch.nn.Module) -> ModelIR:
         st.axes = [sp.find(a) for a in st.axes]
     unknown = dict(ctx.unknown)
     return ModelIR(sp, states, param_names, lanes, inference.activations, cap.method, unknown,
-                   list(cap.notes), type(module).__name__)
+                   list(cap.notes), type(module).__name__, _aliases(module))
+
+
+def _aliases(module: torch.nn.Module) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for named in (module.named_parameters, module.named_buffers):
+        first: dict[int, str] = {}
+        for n, t in named(remove_duplicate=False):
+            if first.setdefault(id(t), n) != n:
+                out[n] = first[id(t)]
+    return out
 
 
 def _layout(sp: Spaces, st: StateInfo, role: dict) -> None:
@@ -322,23 +342,21 @@ def _valid_lanes(sp: Spaces, states, activations, ctx) -> list[list[tuple[int, .
         if any([[sp.size[x] for x in leaves] for leaves in lane] != shape0 for lane in lane_leaves):
             continue
         flat = [x for lane in lane_leaves for leaves in lane for x in leaves]
-        if len(set(flat)) != len(flat) or any(sp.is_pinned(x) for x in flat) or used & set(flat):
+        if len(set(flat)) != len(flat) or any(sp.blocks_swap(x) for x in flat) or used & set(flat):
             continue
         slots = {}
         for j, lane in enumerate(lane_leaves):
             for p, leaves in enumerate(lane):
                 for k, x in enumerate(leaves):
-                    slots[x] = (p, k)
+                    slots[x] = (p, k, j)
         ok = True
-        for seq in layouts:
-            present: dict[tuple, int] = {}
+        for seq in layouts:  # every lane appears in a layout as often as every other lane
+            present: dict[tuple, list[int]] = {}
             for x in seq:
                 if x in slots:
-                    present[slots[x]] = present.get(slots[x], 0) + 1
-            if present and any(v != len(group) for v in present.values()):
-                ok = False
-                break
-            if present and len(set(seq)) != len(seq):
+                    p, k, j = slots[x]
+                    present.setdefault((p, k), [0] * len(group))[j] += 1
+            if any(min(c) != max(c) for c in present.values()):
                 ok = False
                 break
         for leaves, owner in grouped_rows:
@@ -360,18 +378,16 @@ def _merge_lanes(sp: Spaces) -> tuple[list[list[tuple[int, ...]]], dict[int, int
             i = owner[i]
         return i
 
-    where: dict[int, tuple[int, int]] = {}
+    where: dict[int, list[tuple[int, int]]] = {}
     for gi, g in enumerate(groups):
         for j, lane in enumerate(g):
             for c in lane:
                 for leaf in sp.leaves(c):
-                    if leaf in where:
-                        gk, jk = where[leaf]
+                    for gk, jk in where.get(leaf, []):
                         rk, ri = root(gk), root(gi)
                         if rk != ri and jk == j and len(groups[gk]) == len(g):
                             owner[ri] = rk
-                    else:
-                        where[leaf] = (gi, j)
+                    where.setdefault(leaf, []).append((gi, j))
     merged: dict[int, list[list[int]]] = {}
     for gi, g in enumerate(groups):
         r = root(gi)

@@ -21,7 +21,7 @@ masked_fill maximum minimum fmax fmin dropout feature_dropout alpha_dropout feat
 clone contiguous detach alias lift_fresh_copy _to_copy to type_as copy fill atan2 addcmul addcdiv lerp
 floor ceil round trunc frac logical_not logical_and logical_or logical_xor eq ne lt le gt ge isnan
 isinf isfinite nan_to_num bitwise_not bitwise_and bitwise_or threshold logit sigmoid_backward
-xlogy hypot copysign positive _assert_tensor_metadata""".split()
+xlogy hypot copysign positive _assert_tensor_metadata __and__ __or__ __xor__ __invert__""".split()
 
 
 @rule(*ELEMENTWISE, *[n + "_" for n in ELEMENTWISE])
@@ -294,6 +294,7 @@ def reshape(ctx: Ctx, node: fx.Node) -> None:
         j += 1
         _reshape_group(ctx, node, x, sin, sout, gi, gj, out)
     out = [o if o is not None else ctx.sp.new(sout[k]) for k, o in enumerate(out)]
+    out = [_expanded_family(ctx, o) for o in out]
     ctx.set(node, out)
     if [sin[i] for i in ins] == [sout[j] for j in outs]:
         ctx.pass_origin(node, src, [None if sout[j] == 1 else ins[outs.index(j)] for j in range(len(sout))])
@@ -303,6 +304,11 @@ def _reshape_group(ctx, node, x, sin, sout, gi, gj, out) -> None:
     sp = ctx.sp
     if len(gi) == 1 and len(gj) == 1:
         out[gj[0]] = x[gi[0]]
+    elif len(gj) == 1 and len(gi) == 2 and sp.kind(x[gi[1]]) == "fam" \
+            and sp.heads_of(x[gi[1]]) == sp.find(x[gi[0]]):  # heads merged back: the members, in head order
+        out[gj[0]] = sp.cat(sp.members(x[gi[1]]))
+    elif len(gj) == 1 and len(gi) == 2 and _is_head_axis(sp, x[gi[0]]) and _broadcast_axis(node, gi[1]):
+        out[gj[0]] = _repeat_heads(ctx, node, x[gi[0]], sin[gi[1]])
     elif len(gj) == 1:  # merge: outer axis keeps its neurons, inner positions become features
         for d in gi[1:]:
             ctx.pin(x[d], node, "flattened into a channels x positions axis: positions are edge features")
@@ -311,7 +317,11 @@ def _reshape_group(ctx, node, x, sin, sout, gi, gj, out) -> None:
         c = sp.find(x[gi[0]])
         s = sp.struct.get(c)
         inner = math.prod(sout[d] for d in gj[1:])
-        if s is not None and s[0] == "kron" and s[2] == inner:
+        heads = (len(gj) == 2 and sout[gj[0]] > 1 and sout[gj[1]] > 1 and not sp.is_pinned(c)
+                 and (s is None or s[0] == "cat"))
+        if heads:
+            out[gj[0]], out[gj[1]] = _split_heads(ctx, node, c, sout[gj[0]], sout[gj[1]])
+        elif s is not None and s[0] == "kron" and s[2] == inner:
             out[gj[0]] = s[1]
             for d in gj[1:]:
                 out[d] = sp.new(sout[d], Pin(op_name(node), node.name, "positions of an unflattened axis"))
@@ -329,6 +339,61 @@ def _reshape_group(ctx, node, x, sin, sout, gi, gj, out) -> None:
             sp.pin(x[d], pin)
         for d in gj:
             out[d] = sp.new(sout[d], pin)
+
+
+# ---- attention heads -----------------------------------------------------------------------------
+def _split_heads(ctx: Ctx, node: fx.Node, c: int, n_heads: int, head_dim: int) -> tuple[int, int]:
+    """Split a free axis into ``(heads, head_dim)``: one segment per head, swappable as lanes."""
+    sp = ctx.sp
+    members = [sp.segment(c, h * head_dim, (h + 1) * head_dim) for h in range(n_heads)]
+    heads = [sp.new(1) for _ in range(n_heads)]
+    sp.lanes.append([(h, m) for h, m in zip(heads, members)])
+    hc = sp.cat(heads)
+    ctx.head_axes.add(sp.find(hc))
+    return hc, sp.family(hc, members)
+
+
+def _is_head_axis(sp, a: int) -> bool:
+    s = sp.struct.get(sp.find(a))
+    return s is not None and s[0] == "cat" and all(sp.size[sp.find(c)] == 1 for c in s[1])
+
+
+def _broadcast_axis(node: fx.Node, d: int) -> bool:
+    """Is ``node``'s input constant along axis ``d`` (an ``expand`` of a size-1 axis)?"""
+    src = node.args[0]
+    while isinstance(src, fx.Node) and op_name(src) in ("clone", "contiguous", "alias"):
+        src = src.args[0]
+    if not isinstance(src, fx.Node) or op_name(src) not in ("expand", "expand_copy", "broadcast_to"):
+        return False
+    inner = src.args[0]
+    si = shapes_of(inner.meta.get("val")) if isinstance(inner, fx.Node) else None
+    so = shapes_of(src.meta.get("val"))
+    if si is None or so is None:
+        return False
+    k = d - (len(so) - len(si))
+    return k < 0 or si[k] == 1
+
+
+def _repeat_heads(ctx: Ctx, node: fx.Node, heads_axis: int, n_rep: int) -> int:
+    """``(kv_heads, n_rep)`` merged into query heads (GQA/MQA ``repeat_kv``): each key/value head
+    serves ``n_rep`` consecutive query heads, which move with it (a lane group over kv heads)."""
+    sp = ctx.sp
+    kv = sp.children(heads_axis)
+    rep = [sp.new(1) for _ in range(len(kv) * n_rep)]
+    sp.lanes.append([(k, *rep[g * n_rep:(g + 1) * n_rep]) for g, k in enumerate(kv)])
+    out = sp.cat(rep)
+    ctx.head_axes.add(sp.find(out))
+    ctx.repeated[sp.find(heads_axis)] = (out, n_rep)
+    return out
+
+
+def _expanded_family(ctx: Ctx, a: int) -> int:
+    """A family whose heads were repeated in this reshape: each member repeated ``n_rep`` times."""
+    sp = ctx.sp
+    if sp.kind(a) != "fam" or sp.heads_of(a) not in ctx.repeated:
+        return a
+    out, n_rep = ctx.repeated[sp.heads_of(a)]
+    return sp.family(out, [m for m in sp.members(a) for _ in range(n_rep)])
 
 
 @rule("expand", "expand_as", "broadcast_to", "expand_copy")
@@ -441,10 +506,87 @@ def slice_(ctx: Ctx, node: fx.Node) -> None:
 
 @rule("select")
 def select(ctx: Ctx, node: fx.Node) -> None:
+    sp = ctx.sp
     x = ctx.axes(node.args[0])
     dim = node.args[1] % len(x)
+    out = x[:dim] + x[dim + 1:]
+    if _is_head_axis(sp, x[dim]):  # one head picked: its head_dim axis is that head's own space
+        hc, n = sp.find(x[dim]), ctx.shape(node.args[0])[dim]
+        out = [sp.members(a)[node.args[2] % n] if sp.kind(a) == "fam" and sp.heads_of(a) == hc else a
+               for a in out]
     ctx.pin(x[dim], node, "select picks a fixed position")
-    ctx.set(node, x[:dim] + x[dim + 1:])
+    ctx.set(node, out)
+
+
+@rule("index")
+def index(ctx: Ctx, node: fx.Node) -> None:
+    """Advanced indexing ``x[..., idx, ...]``: indexed axes are pinned, the others pass through."""
+    x, idx = ctx.axes(node.args[0]), list(node.args[1])
+    sin, sout = ctx.shape(node.args[0]), ctx.shape(node)
+    used = [d for d, i in enumerate(idx) if i is not None]
+    if not used or used != list(range(used[0], used[-1] + 1)):
+        return pin_everything(ctx, node, "advanced indexing with non-adjacent index tensors")
+    d0, k = used[0], len(used)
+    n_mid = len(sout) - (len(sin) - k)
+    pin = Pin("index", node.name, "positions picked by an index tensor")
+    for d in used:
+        ctx.sp.pin(x[d], pin)
+    for i in idx:
+        if isinstance(i, fx.Node) and ctx.axes(i) is not None:
+            for a in ctx.axes(i):
+                ctx.sp.pin(a, pin)
+    mid = [ctx.sp.new(n, pin) for n in sout[d0: d0 + n_mid]]
+    ctx.set(node, x[:d0] + mid + x[d0 + k:])
+
+
+@rule("diff")
+def diff(ctx: Ctx, node: fx.Node) -> None:
+    a = bind_args(node)
+    if a.get("prepend") is not None or a.get("append") is not None:
+        return pin_everything(ctx, node, "diff with prepend/append")
+    x = list(ctx.axes(a["self"]))
+    dim = a.get("dim", -1) % len(x)
+    ctx.pin(x[dim], node, "differences of neighbouring positions")
+    x[dim] = ctx.sp.new(ctx.shape(node)[dim], Pin("diff", node.name, "differences of neighbouring positions"))
+    ctx.set(node, x)
+
+
+@rule("scaled_dot_product_attention")
+def sdpa(ctx: Ctx, node: fx.Node) -> None:
+    """softmax(q kᵀ + mask) v: q and k share head_dim, k and v share positions, heads stay aligned."""
+    sp = ctx.sp
+    a = bind_args(node)
+    q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+    xq, xk, xv = list(ctx.axes(q)), list(ctx.axes(k)), list(ctx.axes(v))
+    sq, sk = ctx.shape(q), ctx.shape(k)
+    if a.get("enable_gqa") and len(sq) >= 3 and sk[-3] != sq[-3]:
+        n_rep = sq[-3] // sk[-3]
+        for xs in (xk, xv):
+            if not _is_head_axis(sp, xs[-3]):
+                return pin_everything(ctx, node, "grouped-query attention over an axis that is not a heads axis")
+            xs[-3] = _repeat_heads(ctx, node, xs[-3], n_rep)
+        xk[:] = [_expanded_family(ctx, x) for x in xk]
+        xv[:] = [_expanded_family(ctx, x) for x in xv]
+        sk = sk[:-3] + (sq[-3],) + sk[-2:]
+    ops = [(xq, ctx.shape(q)), (xk, sk), (xv, sk[:-1] + ctx.shape(v)[-1:])]
+    r = max(len(s) for _, s in ops)
+    batch = []
+    for d in range(r - 2):
+        cls = None
+        for xs, s in ops:
+            kk = d - (r - len(s))
+            if kk >= 0 and s[kk] != 1:
+                cls = xs[kk] if cls is None else ctx.unify(cls, xs[kk])
+        batch.append(cls if cls is not None else sp.new(1))
+    ctx.unify(xq[-1], xk[-1])
+    ctx.unify(xk[-2], xv[-2])
+    if mask is not None or a.get("is_causal"):
+        ctx.pin(xq[-2], node, "attention mask distinguishes query positions")
+        ctx.pin(xk[-2], node, "attention mask distinguishes key positions")
+    if isinstance(mask, fx.Node) and ctx.axes(mask) is not None:
+        for m in ctx.axes(mask):
+            ctx.pin(m, node, "attention mask")
+    ctx.set(node, batch + [xq[-2], xv[-1]])
 
 
 @rule("index_select", "gather", "take_along_dim")

@@ -7,6 +7,13 @@ outer space and a fixed number of inner positions (a flattened ``channels x posi
 positions are pinned and become edge features). A plain space can be *pinned* (no permutation
 allowed); every pin carries a reason. Unification of incompatible structures falls back to pinning,
 which is always sound.
+
+Attention heads: splitting a free axis into ``(heads, head_dim)`` makes the flat axis a ``cat`` of one
+segment per head (the *members*) and a lane group that swaps heads; the ``heads`` axis of the split
+tensor is a ``cat`` of size-1 spaces (one per head, so head axes unify head by head) and the
+``head_dim`` axis is a *family* ``("fam", heads, [members])``: its permutation is member ``h``'s in
+head ``h``. A pin that reaches members through a family is *uniform* (the same for every head, e.g.
+a rotary table broadcast over heads): it forbids permutations inside a head but not head swaps.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ class Pin:
     op: str
     node: str
     reason: str
+    uniform: bool = False  # applied identically to every head (through a family): heads may still swap
 
 
 @dataclass
@@ -27,7 +35,7 @@ class Spaces:
     parent: list[int] = field(default_factory=list)
     size: list[int] = field(default_factory=list)
     pins: dict[int, list[Pin]] = field(default_factory=dict)  # leaf root -> reasons
-    struct: dict[int, tuple] = field(default_factory=dict)  # root -> ("cat", [ids]) | ("kron", outer, n)
+    struct: dict[int, tuple] = field(default_factory=dict)  # root -> ("cat", [ids]) | ("kron", outer, n) | ("fam", heads, [members])
     lanes: list[list[tuple[int, ...]]] = field(default_factory=list)  # blocks that may be swapped
 
     # ---- basics -------------------------------------------------------------------------------
@@ -67,6 +75,10 @@ class Spaces:
         elif s[0] == "cat":
             for c in s[1]:
                 self.pin(c, pin)
+        elif s[0] == "fam":
+            uniform = Pin(pin.op, pin.node, pin.reason, uniform=True)
+            for c in s[2]:
+                self.pin(c, uniform)
         else:
             self.pin(s[1], pin)
 
@@ -77,12 +89,19 @@ class Spaces:
             return a in self.pins
         if s[0] == "cat":
             return all(self.is_pinned(c) for c in s[1])
+        if s[0] == "fam":
+            return all(self.is_pinned(c) for c in s[2])
         return self.is_pinned(s[1])
+
+    def blocks_swap(self, leaf: int) -> bool:
+        """True when ``leaf`` carries a pin that forbids moving it as a whole block (lane swaps)."""
+        return any(not p.uniform for p in self.pins.get(self.find(leaf), []))
 
     # ---- structure ----------------------------------------------------------------------------
     def cat(self, parts: list[int]) -> int:
         """A new space that is the concatenation of ``parts``."""
-        parts = [self._dekron(self.find(p)) for p in parts if self.size[self.find(p)] > 0]
+        parts = [self._dekron(self._defam(p, "head_dim axes concatenated")) for p in parts
+                 if self.size[self.find(p)] > 0]
         if len(parts) == 1:
             return parts[0]
         i = self.new(sum(self.size[p] for p in parts))
@@ -99,6 +118,31 @@ class Spaces:
         self.pins.pop(i, None)
         self.struct[i] = ("kron", outer, inner)
         return i
+
+    def family(self, heads: int, members: list[int]) -> int:
+        """The ``head_dim`` axis of a tensor split into heads: member ``h`` is head ``h``'s space."""
+        i = self.new(self.size[self.find(members[0])])
+        self.struct[i] = ("fam", heads, list(members))
+        return i
+
+    def members(self, a: int) -> list[int]:
+        s = self.struct[self.find(a)]
+        assert s[0] == "fam"
+        return [self.find(m) for m in s[2]]
+
+    def heads_of(self, a: int) -> int:
+        s = self.struct[self.find(a)]
+        assert s[0] == "fam"
+        return self.find(s[1])
+
+    def _defam(self, a: int, why: str = "head_dim axis used in a way that differs from head to head") -> int:
+        """A plain pinned stand-in for a family (its members are pinned uniformly)."""
+        a = self.find(a)
+        if self.kind(a) != "fam":
+            return a
+        pin = Pin("heads", "", why)
+        self.pin(a, pin)
+        return self.new(self.size[a], pin)
 
     def _dekron(self, a: int) -> int:
         """Turn a kron space into a plain pinned one (used where segments meet flattening)."""
@@ -131,6 +175,9 @@ class Spaces:
             return
         if self.struct.get(a, ("plain",))[0] == "kron":
             self._dekron(a)
+        if self.kind(a) == "fam":
+            self._defam(a, "head_dim axis split")
+            return
         s = self.struct.get(a)
         if s is None:
             cuts = [0] + offsets + [n]
@@ -161,6 +208,9 @@ class Spaces:
         a = self.find(a)
         if lo == 0 and hi == self.size[a]:
             return a
+        if self.kind(a) == "fam":  # e.g. rotate_half slicing head_dim: the same slice in every head
+            self._defam(a, "head_dim axis sliced")
+            return self.new(hi - lo, Pin("heads", "", "slice of a head_dim axis"))
         self.split(a, [lo, hi])
         kids = self.children(a)
         off, inside = 0, []
@@ -191,6 +241,8 @@ class Spaces:
         if self.size[a] != self.size[b]:
             raise ValueError(f"internal error: unifying spaces of sizes {self.size[a]} and {self.size[b]}")
         sa, sb = self.struct.get(a), self.struct.get(b)
+        if (sa is not None and sa[0] == "fam") or (sb is not None and sb[0] == "fam"):
+            return self._unify_family(a, b)
         if sa is None and sb is None:
             return self._union(a, b)
         if sa is None or sb is None:
@@ -227,6 +279,28 @@ class Spaces:
         self.parent[a] = b
         return b
 
+    def _unify_family(self, a: int, b: int) -> int:
+        sa, sb = self.struct.get(a), self.struct.get(b)
+        if sa is not None and sb is not None and sa[0] == "fam" and sb[0] == "fam" and len(sa[2]) == len(sb[2]):
+            self.unify(sa[1], sb[1])  # heads stay aligned ...
+            for x, y in zip(sa[2], sb[2]):  # ... and head h's neurons are tied head by head
+                self.unify(x, y)
+            self.parent[b] = a
+            return self.find(a)
+        # a family meets an axis shared by all heads (a rotary table, a per-head_dim weight) or a
+        # family of another head count: no permutation inside heads (sound); heads may still swap.
+        # The two are not linked: both are pinned, which satisfies the tie.
+        fam, other = (a, b) if sa is not None and sa[0] == "fam" else (b, a)
+        reasons = self.pin_reasons(other) if self.kind(other) != "fam" else []
+        pin = Pin("heads", "", "head_dim axis tied to an axis shared by all heads" if not reasons
+                  else f"head_dim axis tied to a pinned axis ({reasons[0].reason})")
+        self.pin(fam, pin)
+        if self.kind(other) == "fam":
+            self.pin(other, pin)
+        else:
+            self.pin(self._dekron(other), Pin("heads", "", "tied to the head_dim axis of every head"))
+        return fam
+
     def _union(self, a: int, b: int) -> int:
         pa, pb = self.pins.pop(a, None), self.pins.pop(b, None)
         self.parent[b] = a
@@ -244,7 +318,7 @@ class Spaces:
         if s[0] == "kron":
             return self.leaves(s[1])
         out = []
-        for c in s[1]:
+        for c in (s[2] if s[0] == "fam" else s[1]):
             out.extend(self.leaves(c))
         return out
 
