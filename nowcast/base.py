@@ -8,7 +8,10 @@ A nowcaster maps ``ctx`` past parameter states of a model to its parameters ``k`
   ``None`` for nowcasters whose ``needs_graph`` is False.
 - ``states``: (num_params, ctx), oldest first, rows in ``graph.param_names`` order (the order of
   ``named_parameters()``, tied parameters once). Any float dtype; computed in float32.
-- ``k``: the horizon, 1 <= k <= ``max_horizon``, in units of the spacing between two states.
+- ``k``: the horizon, an integer 1 <= k <= ``max_horizon``, in units of the spacing between two
+  states (a float such as 2.5 is refused rather than rounded).
+
+The result is float32, on the nowcaster's device (on the states' device for Linefit/Linefit+).
 
 Frozen parameters (``Block.trainable`` False) are returned at their newest value.
 
@@ -18,6 +21,7 @@ each nowcaster is documented on the nowcaster.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -62,18 +66,19 @@ class Nowcaster(nn.Module):
             check_horizon(k, self.max_horizon)
         if not states.is_floating_point():
             raise ValueError(f"states must be a floating-point tensor, got {states.dtype}")
-        return states.to(device=self._device(), dtype=torch.float32)
+        return states.to(device=self._device(states.device), dtype=torch.float32)
 
-    def _device(self) -> torch.device:
+    def _device(self, default: torch.device | None = None) -> torch.device:
+        """Where the weights live (``default``, else CPU, for a nowcaster without weights)."""
         p = next(iter(self.parameters()), None)
-        return p.device if p is not None else torch.device("cpu")
+        return p.device if p is not None else (default or torch.device("cpu"))
 
 
 def check_horizon(k, max_horizon: int) -> int:
     """``k`` must be an integer in 1..max_horizon."""
-    if isinstance(k, torch.Tensor) and k.numel() == 1:
+    if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point():
         k = k.item()
-    if isinstance(k, float) and k.is_integer():
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool):  # also numpy integers
         k = int(k)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= max_horizon:
         raise ValueError(f"horizon k must be an integer in 1..{max_horizon}, got {k!r}")

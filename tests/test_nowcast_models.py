@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -107,7 +108,8 @@ def test_bad_inputs_give_clear_errors(small):
         gnn.predict(graph, states[:-1], 1)
     with pytest.raises(ValueError, match=r"\(num_params, ctx=5\)"):
         gnn.predict(graph, states[:, 0], 1)
-    for k in (0, 41, 2.5, "3"):
+    assert torch.equal(gnn.predict(graph, states, np.int32(3)), gnn.predict(graph, states, 3))
+    for k in (0, 41, 2.5, 3.0, "3", True):
         with pytest.raises(ValueError, match=r"1\.\.40"):
             gnn.predict(graph, states, k)
     with pytest.raises(ValueError, match="needs a graph"):
