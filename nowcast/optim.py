@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Union
 
 import torch
 
@@ -33,11 +33,11 @@ if TYPE_CHECKING:  # neugraph is imported lazily, only when a graph has to be co
 
 Closure = Callable[[], Union[float, torch.Tensor]]
 
-__all__ = ["NiNo", "Nowcaster", "NowcastError", "NowcastRejectedWarning"]
+__all__ = ["NiNo", "NowcastError", "NowcastRejectedWarning"]
 
 
-class Nowcaster(Protocol):
-    """What NiNo needs from a nowcaster (see ``nowcast.base``)."""
+class NowcasterLike(Protocol):
+    """What NiNo needs from a nowcaster (``nowcast.base.Nowcaster`` subclasses have it)."""
 
     needs_graph: bool
 
@@ -125,7 +125,7 @@ class NiNo(torch.optim.Optimizer):
     """
 
     def __init__(self, model_or_params: Any, base_optimizer: torch.optim.Optimizer,
-                 nowcaster: Optional[Nowcaster], period: PeriodLike = 1000, ctx: int = 5,
+                 nowcaster: Optional[NowcasterLike], period: PeriodLike = 1000, ctx: int = 5,
                  total_steps: Optional[int] = None, example_inputs: Any = None,
                  graph: Optional["NeuralGraph"] = None, *, k_schedule: KSchedule = "decay",
                  k_power: float = 2.0, max_k: int = 40, history_device: Union[str, torch.device] = "cpu",
@@ -178,6 +178,7 @@ class NiNo(torch.optim.Optimizer):
         if nowcaster is not None:
             self._check_nowcaster(nowcaster, ctx)
             self.schedule = NowcastSchedule(period, ctx, total_steps, k_schedule, k_power, max_k)
+            self._check_horizon(nowcaster, k_schedule, max_k)
             if getattr(nowcaster, "needs_graph", False):
                 self.graph = self._resolve_graph(module, example_inputs, graph, graph_profile)
             if nowcast_device is None:
@@ -246,6 +247,17 @@ class NiNo(torch.optim.Optimizer):
         own = getattr(nowcaster, "ctx", None)
         if isinstance(own, int) and own != ctx:
             raise ValueError(f"ctx={ctx} but the nowcaster was built for ctx={own} states; pass ctx={own}")
+
+    @staticmethod
+    def _check_horizon(nowcaster: Any, k_schedule: KSchedule, max_k: int) -> None:
+        top = getattr(nowcaster, "max_horizon", None)
+        if not isinstance(top, int):
+            return
+        asked = max_k if k_schedule == "decay" else k_schedule if isinstance(k_schedule, int) else None
+        if asked is not None and asked > top:
+            what = "max_k" if k_schedule == "decay" else "k_schedule"
+            raise ValueError(f"{what}={asked} but {type(nowcaster).__name__} predicts at most {top} states ahead; "
+                             f"pass {what}={top} or less")
 
     def _resolve_graph(self, module: Optional[torch.nn.Module], example_inputs: Any,
                        graph: Optional["NeuralGraph"], profile: str) -> "NeuralGraph":

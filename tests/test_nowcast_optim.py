@@ -1,6 +1,7 @@
 """The NiNo optimizer wrapper: schedule, param groups, frozen/tied parameters, safety, resume."""
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -241,6 +242,21 @@ def test_graph_nowcaster_compiles_the_model():
         make(mlp(), GraphNowcaster(), graph=wrong)
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("history", [dict(), dict(history_device="param", history_dtype=torch.bfloat16)])
+def test_parameters_on_cuda(history):
+    model = mlp().cuda()
+    opt = make(model, Faulty("nan"), **history)
+    train(model, opt, 0, 19)
+    assert all(h.device.type == ("cpu" if not history else "cuda") for h in opt.state["history"])
+    before = flat(model).clone()
+    with pytest.warns(NowcastRejectedWarning):
+        opt.step()
+    assert torch.equal(flat(model), before)
+    train(model, opt, 20, 40)
+    assert opt.state["nowcasts"] == 1 and torch.isfinite(flat(model)).all() and flat(model).is_cuda
+
 # ---- bad input -------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, match", [
     (dict(ctx=1), "ctx must be an int >= 2"),
@@ -398,3 +414,37 @@ def test_load_state_dict_checks_what_it_loads():
     other = make(TiedFrozen(), LineNowcaster())
     with pytest.raises(ValueError, match="num_params"):
         opt.load_state_dict(other.state_dict())
+
+
+# ---- with the project's nowcasters -----------------------------------------------------------
+def test_with_linefit_and_the_published_checkpoints():
+    from pathlib import Path
+
+    import nowcast
+
+    torch.manual_seed(0)
+    convnet = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(4, 8, 3, padding="same"), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    x, y = torch.randn(32, 1, 12, 12), torch.randint(0, 10, (32,))
+    with pytest.raises(ValueError, match="predicts at most 10 states ahead"):
+        NiNo(convnet, torch.optim.AdamW(convnet.parameters()), nowcast.Linefit(horizon=10), total_steps=100)
+    ckpts = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoints"
+    nowcasters = [nowcast.Linefit()]
+    if ckpts.is_dir():  # the published weights live beside the project, never in it
+        nowcasters += [nowcast.load(ckpts / "nino_no_posw.pt"), nowcast.load(ckpts / "nino_mlp.pt")]
+    for nc in nowcasters:
+        model = copy.deepcopy(convnet)
+        opt = NiNo(model, torch.optim.AdamW(model.parameters(), lr=6e-3), nc, period=25, total_steps=50,
+                   example_inputs=x[:2])
+        for _ in range(50):
+            jump = not opt.need_grads
+            before = flat(model).clone()
+            if not jump:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+            opt.step()
+            if jump:  # the nowcast wrote finite, new parameters
+                assert torch.isfinite(flat(model)).all() and not torch.equal(flat(model), before)
+        assert opt.state["nowcasts"] == 2, type(nc).__name__
+        assert torch.isfinite(F.cross_entropy(model(x), y))
