@@ -42,27 +42,29 @@ def emit(ir: ModelIR, profile: str = "nino", lpe: int = 8, centrality: bool = Fa
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
     sp = ir.spaces
-    node_start: dict[int, int] = {}
+    # nino, as published for transformers: one copy of the residual stream per sublayer, q/k/v typed
+    flow = ir.flow if profile == "nino" and ir.flow is not None and ir.flow.attention else None
+    node_start: dict[tuple[int, int], int] = {}
     kinds: list[str] = []
     labels: list[int] = []
     spaces_of: list[int] = []
 
-    def leaf_nodes(leaf: int) -> None:
-        leaf = sp.find(leaf)
-        if leaf in node_start:
-            return
-        node_start[leaf] = len(kinds)
-        n = sp.size[leaf]
-        pinned = sp.is_pinned(leaf)
-        kinds.extend(["pinned" if pinned else "neuron"] * n)
-        labels.extend(range(1, n + 1) if pinned else [0] * n)
-        spaces_of.extend([leaf] * n)
+    def leaf_nodes(leaf: int, ver: int) -> int:
+        key = (sp.find(leaf), ver)
+        if key not in node_start:
+            node_start[key] = len(kinds)
+            n = sp.size[key[0]]
+            pinned = sp.is_pinned(key[0])
+            kinds.extend(["pinned" if pinned else "neuron"] * n)
+            labels.extend(range(1, n + 1) if pinned else [0] * n)
+            spaces_of.extend([key[0]] * n)
+        return node_start[key]
 
-    def nodes(space: int) -> torch.Tensor:
+    def nodes(space: int, ver: int | None = None) -> torch.Tensor:
+        v = flow.find(ver) if flow is not None and ver is not None else 0
         ids = []
         for leaf in sp.leaves(space):
-            leaf_nodes(leaf)
-            s = node_start[sp.find(leaf)]
+            s = leaf_nodes(leaf, v)
             ids.append(torch.arange(s, s + sp.size[sp.find(leaf)]))
         return torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
 
@@ -77,15 +79,34 @@ def emit(ir: ModelIR, profile: str = "nino", lpe: int = 8, centrality: bool = Fa
     for name in ir.param_names:
         st = ir.states[name]
         numel = math.prod(st.shape)
-        blocks.append(_block(sp, st, offset, numel, nodes, aux_node, profile))
+        src_ver, dst_ver = flow.use.get(name, (None, None)) if flow is not None else (None, None)
+        parts = _qkv_parts(flow, st) if flow is not None else None
+        if parts:
+            w = ir.states.get(flow.partner.get(name, ""))
+            stream = nodes(w.axes[w.src], src_ver) if w is not None and w.src is not None else None
+            for lo, hi, role in parts:
+                blk = _block(sp, st, offset, numel, nodes, aux_node, profile, src_ver, dst_ver, (lo, hi, role))
+                if role == "k" and stream is not None and blk.second.numel() == stream.numel():
+                    blk.second = stream  # published layout: the key bias sits on the stream neurons keys point at
+                blocks.append(blk)
+        else:
+            blocks.append(_block(sp, st, offset, numel, nodes, aux_node, profile, src_ver, dst_ver))
         offset += numel
+    extra: list[AuxEdges] = []
+    if flow is not None:
+        extra = _transformer_aux(sp, flow, nodes, aux_node)
     V = len(kinds)
     loops = torch.arange(V)
-    aux = [AuxEdges(loops, loops, T["self"], 2.0)]
+    aux = extra + [AuxEdges(loops, loops, T["self"], 2.0)]
     max_feat = max([b.feat for b in blocks] + [1])
     if profile == "nino":
         max_feat = max(max_feat, 9)
     pieces = [p for b in blocks for p in b.bipartite()]
+    for a in extra:  # head edges: one node to a set; residual edges: a matching (one piece per pair)
+        if a.edge_type == T["head"]:
+            pieces.append((a.src[:1], a.dst))
+        else:
+            pieces.extend((a.src[i: i + 1], a.dst[i: i + 1]) for i in range(a.src.numel()))
     feats, vals = lpe_blocks(V, pieces, lpe)
     node_labels = torch.tensor(labels, dtype=torch.long)
     cols = [feats]
@@ -114,7 +135,45 @@ def _position_code(labels: torch.Tensor, dims: int = 4) -> torch.Tensor:
     return code.float()
 
 
-def _block(sp, st: StateInfo, offset: int, numel: int, nodes, aux_node, profile: str) -> Block:
+def _qkv_parts(flow, st: StateInfo) -> list[tuple[int, int, str]] | None:
+    """Slices of a fused projection (or its bias) that feed queries, keys and values."""
+    parts = flow.qkv.get(st.name) or flow.qkv.get(flow.partner.get(st.name, ""))
+    if not parts or st.dst is None:
+        return None
+    parts = sorted(parts)
+    if parts[0][0] != 0 or parts[-1][1] != st.shape[st.dst] or any(a[1] != b[0] for a, b in zip(parts, parts[1:])):
+        return None  # the slices must tile the output axis exactly
+    return parts
+
+
+def _transformer_aux(sp, flow, nodes, aux_node) -> list[AuxEdges]:
+    """Residual edges between versions of the same neurons, and one node per attention head."""
+    out: list[AuxEdges] = []
+    for old, new, axes in flow.residual:
+        src, dst = [], []
+        for a in axes:
+            for leaf in sp.leaves(a):
+                if sp.is_pinned(leaf) or sp.size[sp.find(leaf)] < 2:
+                    continue
+                src.append(nodes(leaf, old))
+                dst.append(nodes(leaf, new))
+        if src:
+            out.append(AuxEdges(torch.cat(src), torch.cat(dst), T["residual"], 1.0))
+    for att in flow.attention:
+        if sp.kind(att["q"]) != "fam" or sp.kind(att["v"]) != "fam":
+            continue
+        mq, mv = sp.members(att["q"]), sp.members(att["v"])
+        if len(mq) != len(mv):
+            continue
+        for q, v in zip(mq, mv):
+            h = aux_node()
+            tgt = torch.cat([nodes(q, att["qver"]), nodes(v, att["vver"])])
+            out.append(AuxEdges(h.expand(tgt.numel()).clone(), tgt, T["head"], 1.0))
+    return out
+
+
+def _block(sp, st: StateInfo, offset: int, numel: int, nodes, aux_node, profile: str,
+           src_ver: int | None = None, dst_ver: int | None = None, part=None) -> Block:
     shape = st.shape
     node_axes = [d for d in (st.src, st.dst) if d is not None]
     # split flattened (kron) node axes into (outer, positions); positions join the features
@@ -136,7 +195,11 @@ def _block(sp, st: StateInfo, offset: int, numel: int, nodes, aux_node, profile:
 
     def space_nodes(d: int) -> torch.Tensor:
         s = sp.struct.get(sp.find(st.axes[d]))
-        return nodes(s[1] if s is not None and s[0] == "kron" else st.axes[d])
+        ver = src_ver if d == st.src else dst_ver
+        ids = nodes(s[1] if s is not None and s[0] == "kron" else st.axes[d], ver)
+        if part is not None and d == st.dst:
+            ids = ids[part[0]: part[1]]
+        return ids
 
     rows_per_group = 0
     if len(node_axes) == 2:
@@ -153,5 +216,15 @@ def _block(sp, st: StateInfo, offset: int, numel: int, nodes, aux_node, profile:
     else:
         first = aux_node()
         second, src_is_first = first, True
-    return Block(st.name, offset, numel, tuple(view_shape), order, first, second, src_is_first, feat,
-                 _edge_type(profile, st, len(node_axes)), rows_per_group, st.trainable)
+    etype = _edge_type(profile, st, len(node_axes))
+    if part is None:
+        return Block(st.name, offset, numel, tuple(view_shape), order, first, second, src_is_first, feat,
+                     etype, rows_per_group, st.trainable)
+    lo, hi, role = part
+    if len(node_axes) == 2:  # queries read the stream; keys point back at it; values as usual
+        etype = {"q": T["query"], "k": T["key"], "v": T["value"]}[role]
+        if role == "k":
+            src_is_first = not src_is_first
+    vaxis = where[st.dst]
+    return Block(st.name, offset, numel // shape[st.dst] * (hi - lo), tuple(view_shape), order, first, second,
+                 src_is_first, feat, etype, rows_per_group, st.trainable, (vaxis, lo, hi), numel)

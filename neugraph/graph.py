@@ -7,6 +7,7 @@ index tensor the size of the model is ever needed for either.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,17 @@ class Block:
     edge_type: int
     rows_per_group: int = 0  # grouped weights: rows per group; ``second`` then holds all groups' columns
     trainable: bool = True
+    part: tuple[int, int, int] | None = None  # (view axis, lo, hi): the block covers this slice only
+    param_numel: int = 0  # the whole parameter's numel when ``part`` is set (``numel`` is the slice's)
+
+    def param_view(self, flat: torch.Tensor) -> torch.Tensor:
+        """This block's elements of a (num_params, T) tensor, as ``view_shape + (T,)`` (a view)."""
+        n = self.param_numel or self.numel
+        x = flat[self.offset: self.offset + n].view(*self.view_shape, flat.shape[1])
+        if self.part is not None:
+            a, lo, hi = self.part
+            x = x.narrow(a, lo, hi - lo)
+        return x
 
     @property
     def num_edges(self) -> int:
@@ -145,16 +157,30 @@ class NeuralGraph:
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     @property
+    def param_sizes(self) -> list[int]:
+        """numel of every parameter tensor, in flat order."""
+        return [math.prod(s) for s in self.param_shapes]
+
+    @property
     def trainable_mask(self) -> torch.Tensor:
         """(num_params,) bool: False for frozen parameters."""
-        parts = [torch.full((b.numel,), b.trainable, dtype=torch.bool) for b in self.blocks]
+        flag = {b.name: b.trainable for b in self.blocks}
+        parts = [torch.full((n,), flag.get(name, True), dtype=torch.bool)
+                 for name, n in zip(self.param_names, self.param_sizes)]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+    def element_types(self) -> torch.Tensor:
+        """(num_params,) long: the edge type each parameter element is carried by."""
+        out = torch.zeros(self.num_params, 1, dtype=torch.long)
+        for b in self.blocks:
+            b.param_view(out).fill_(b.edge_type)
+        return out[:, 0]
 
     # ---- features and the inverse map ----------------------------------------------------------
     def block_features(self, b: Block, states: torch.Tensor) -> torch.Tensor:
         """(edges, feat, T) view of one block's slice of ``states`` (num_params, T)."""
         T = states.shape[1]
-        x = states[b.offset: b.offset + b.numel].reshape(*b.view_shape, T)
+        x = b.param_view(states.contiguous())
         if not b.is_identity_layout():
             x = x.permute(*b.order, len(b.view_shape))
         return x.reshape(b.num_edges, b.feat, T)
@@ -205,13 +231,13 @@ class NeuralGraph:
         e = 0
         for b in self.blocks:
             x = v[e: e + b.num_edges, : b.feat]
-            if b.is_identity_layout():
+            if b.is_identity_layout() and b.part is None:
                 out[b.offset: b.offset + b.numel] = x.reshape(b.numel, T)
             else:
-                permuted = [b.view_shape[i] for i in b.order]
+                dest = b.param_view(out)
+                permuted = [dest.shape[i] for i in b.order]
                 inv = [b.order.index(i) for i in range(len(b.order))]
-                x = x.reshape(*permuted, T).permute(*inv, len(inv))
-                out[b.offset: b.offset + b.numel] = x.reshape(b.numel, T)
+                dest.copy_(x.reshape(*permuted, T).permute(*inv, len(inv)))
             e += b.num_edges
         return out[:, 0] if squeeze else out
 

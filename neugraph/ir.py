@@ -55,6 +55,7 @@ class ModelIR:
     notes: list[str] = field(default_factory=list)
     module_name: str = ""
     aliases: dict[str, str] = field(default_factory=dict)  # tied tensor's other state-dict names -> canonical
+    flow: Any = None  # neugraph.dataflow.Flow: versions of neurons, q/k/v slices (for the nino layout)
 
     # ---- reading the group ---------------------------------------------------------------------
     def bound_leaves(self) -> list[int]:
@@ -248,8 +249,9 @@ def build(inference, cap, module: torch.nn.Module) -> ModelIR:
     for name in param_names + buffers:
         t = module.get_parameter(name) if name in trainable else module.get_buffer(name)
         axes = inference.state_axes.get(name)
-        if axes is None:  # not used by forward: one fresh free space per axis
-            axes = [sp.new(n) for n in t.shape]
+        if axes is None:  # not used by forward: one fresh space per axis (free for a parameter)
+            unused = None if name in trainable else Pin("unused", name, "buffer not used by forward")
+            axes = [sp.new(n, unused) for n in t.shape]
         states[name] = StateInfo(name, tuple(t.shape), name in trainable, trainable.get(name, False), axes)
     for name, st in states.items():
         role = ctx.roles.get(name, {})
@@ -259,12 +261,18 @@ def build(inference, cap, module: torch.nn.Module) -> ModelIR:
             st.grouped = (axis, cols, rows)
         if st.is_param:
             _layout(sp, st, role)
+    from .dataflow import run as dataflow
+
+    flow = dataflow(cap, ctx)
+    for name in flow.positional:
+        if name in states and states[name].kind == "embedding":
+            states[name].kind = "positional"
     lanes = _valid_lanes(sp, states, inference.activations, ctx)
     for st in states.values():
         st.axes = [sp.find(a) for a in st.axes]
     unknown = dict(ctx.unknown)
     return ModelIR(sp, states, param_names, lanes, inference.activations, cap.method, unknown,
-                   list(cap.notes), type(module).__name__, _aliases(module))
+                   list(cap.notes), type(module).__name__, _aliases(module), flow)
 
 
 def _aliases(module: torch.nn.Module) -> dict[str, str]:

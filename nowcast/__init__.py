@@ -17,6 +17,8 @@ from .wnn import WNNPlus
 __all__ = ["Nowcaster", "NiNoGNN", "WNNPlus", "Linefit", "LinefitPlus", "load", "save", "CheckpointError",
            "scale", "unscale", "Scales", "SCALING_METHODS", "scatter_backend", "set_scatter_backend"]
 
-# ---- optimizer wrapper (nowcast/optim.py, added by its own change) -------------------------------
-# from .optim import NiNo
-# __all__ += ["NiNo"]
+# ---- the optimizer wrapper (docs/optimizer.md) ---------------------------------------------------
+from .optim import NiNo, NowcastError, NowcastRejectedWarning  # noqa: E402
+from .schedule import DynamicPeriod, k_decay  # noqa: E402
+
+__all__ += ["NiNo", "NowcastError", "NowcastRejectedWarning", "DynamicPeriod", "k_decay"]

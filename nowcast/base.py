@@ -89,19 +89,16 @@ def keep_frozen(graph, states: torch.Tensor, pred: torch.Tensor) -> torch.Tensor
     """Put the newest state back into the rows of frozen parameters (they do not move)."""
     if graph is None or all(b.trainable for b in graph.blocks):
         return pred
-    for b in graph.blocks:
-        if not b.trainable:
-            pred[b.offset: b.offset + b.numel] = states[b.offset: b.offset + b.numel, -1]
+    frozen = ~graph.trainable_mask.to(pred.device)
+    pred[frozen] = states[frozen, -1].to(pred.dtype)
     return pred
 
 
 def tensor_sizes(graph) -> list[int]:
     """numel of every parameter tensor, in flat order."""
-    return [b.numel for b in graph.blocks]
+    return list(graph.param_sizes)
 
 
 def param_types(graph, device=None) -> torch.Tensor:
-    """(num_params,) long: the edge type of each parameter element (its tensor's type)."""
-    sizes: Sequence[int] = tensor_sizes(graph)
-    types = torch.tensor([b.edge_type for b in graph.blocks], dtype=torch.long, device=device)
-    return types.repeat_interleave(torch.tensor(sizes, device=device))
+    """(num_params,) long: the edge type of each parameter element (fused q/k/v slices differ)."""
+    return graph.element_types().to(device)

@@ -52,14 +52,8 @@ class Scales(NamedTuple):
 
 def sizes_of(graph_or_sizes) -> list[int]:
     """Tensor sizes from a NeuralGraph (its blocks) or a list of sizes."""
-    if hasattr(graph_or_sizes, "blocks"):
-        blocks = graph_or_sizes.blocks
-        off = 0
-        for b in blocks:
-            if b.offset != off:
-                raise ValueError(f"graph block {b.name!r} starts at {b.offset}, expected {off}")
-            off += b.numel
-        return [b.numel for b in blocks]
+    if hasattr(graph_or_sizes, "param_sizes"):  # a block may cover part of a tensor (fused q/k/v)
+        return list(graph_or_sizes.param_sizes)
     sizes = [int(s) for s in graph_or_sizes]
     if any(s <= 0 for s in sizes):
         raise ValueError(f"tensor sizes must be positive, got {sizes}")

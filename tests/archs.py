@@ -135,6 +135,9 @@ def cnns(draw) -> Case:
         out = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
         # a kernel position that only ever reads padding is a dead weight: avoid such convolutions
         dead = out >= 1 and any(not any(0 <= o * stride - pad + i * dil < size for o in range(out)) for i in range(k))
+        # an output position that only reads padding is a constant: under max pooling it can hide
+        # everything upstream (the function then has far more symmetry than the architecture)
+        dead = dead or any(not any(0 <= o * stride - pad + i * dil < size for i in range(k)) for o in range(out))
         # and keep at least 3 output positions: on tiny maps, zero padding can make the pooled
         # function symmetric in the kernel positions (a true invariance of that function)
         if out < 3 or dead:

@@ -21,3 +21,19 @@ def test_fm16_reproduces_published_predictions():
     assert len(errors) == 6
     bad = {k: v for k, v in errors.items() if not v <= 1e-5}
     assert not bad, f"max abs error above 1e-5: {bad} (all: {errors})"
+
+
+GPT2_FIXTURE = REFERENCE / "fixtures" / "ref_gpt2_toy.pt"
+
+
+@needs_ref
+def test_gpt2_toy_reproduces_published_predictions():
+    transformers = pytest.importorskip("transformers", reason="transformers (dev extra) builds the GPT-2 model")
+    fx = load_fixture(GPT2_FIXTURE)
+    cfg = transformers.GPT2Config(n_embd=6, n_layer=2, n_head=2, vocab_size=5, n_positions=3)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.load_state_dict(fx["state_dict"], strict=False)  # the tied head is not stored twice
+    errors = conformance_errors(model, torch.randint(0, 5, (1, 3)), GPT2_FIXTURE)
+    assert len(errors) == 6
+    bad = {k: v for k, v in errors.items() if not v <= 1e-5}
+    assert not bad, f"max abs error above 1e-5: {bad} (all: {errors})"
