@@ -39,6 +39,7 @@ class Captured:
     outputs: list[fx.Node]
     constants: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)  # other names of a tied tensor -> its canonical name
 
 
 @contextlib.contextmanager
@@ -109,7 +110,8 @@ def _capture_export(module: torch.nn.Module, args: tuple, kwargs: dict) -> Captu
         for node, spec in zip(flat_out, sig.output_specs)
         if spec.kind == OutputKind.USER_OUTPUT and isinstance(node, fx.Node)
     ]
-    return Captured(ep.graph, "export", params, buffers, inputs, outputs, constants)
+    aliases = {a: n for a, n in canon.items() if a != n}
+    return Captured(ep.graph, "export", params, buffers, inputs, outputs, constants, aliases=aliases)
 
 
 def _capture_fx(module: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
@@ -135,7 +137,8 @@ def _capture_fx(module: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
     inputs = [p.name for p in placeholders[len(names):]]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     outputs = [n for n in torch.utils._pytree.tree_leaves(out_node.args) if isinstance(n, fx.Node)]
-    return Captured(gm.graph, "fx", params, buffers, inputs, outputs)
+    aliases = {a: n for a, n in _canonical_names(module).items() if a != n}
+    return Captured(gm.graph, "fx", params, buffers, inputs, outputs, aliases=aliases)
 
 
 def _is_hf_model(module: torch.nn.Module) -> bool:

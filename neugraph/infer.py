@@ -33,7 +33,10 @@ def run(cap) -> Inference:
             shape = shapes_of(node.meta.get("val"))
             if node.name in cap.params or node.name in cap.buffers:
                 name = cap.params.get(node.name) or cap.buffers[node.name]
-                axes = ctx.fresh(shape)
+                unused = None
+                if node.name in cap.buffers and not node.users:  # lifted but never read
+                    unused = Pin("unused", node.name, "buffer not used by forward")
+                axes = ctx.fresh(shape, unused)
                 ctx.set(node, axes)
                 ctx.origin[node.name] = (name, list(range(len(shape))))
                 if name in state_axes:  # the same tensor seen twice: one set of spaces

@@ -272,17 +272,7 @@ def build(inference, cap, module: torch.nn.Module) -> ModelIR:
         st.axes = [sp.find(a) for a in st.axes]
     unknown = dict(ctx.unknown)
     return ModelIR(sp, states, param_names, lanes, inference.activations, cap.method, unknown,
-                   list(cap.notes), type(module).__name__, _aliases(module), flow)
-
-
-def _aliases(module: torch.nn.Module) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for named in (module.named_parameters, module.named_buffers):
-        first: dict[int, str] = {}
-        for n, t in named(remove_duplicate=False):
-            if first.setdefault(id(t), n) != n:
-                out[n] = first[id(t)]
-    return out
+                   list(cap.notes), type(module).__name__, dict(cap.aliases), flow)
 
 
 def _layout(sp: Spaces, st: StateInfo, role: dict) -> None:
@@ -389,13 +379,12 @@ def _merge_lanes(sp: Spaces) -> tuple[list[list[tuple[int, ...]]], dict[int, int
     where: dict[int, list[tuple[int, int]]] = {}
     for gi, g in enumerate(groups):
         for j, lane in enumerate(g):
-            for c in lane:
-                for leaf in sp.leaves(c):
-                    for gk, jk in where.get(leaf, []):
-                        rk, ri = root(gk), root(gi)
-                        if rk != ri and jk == j and len(groups[gk]) == len(g):
-                            owner[ri] = rk
-                    where.setdefault(leaf, []).append((gi, j))
+            for c in lane:  # whole lane components, not leaves inside them (a cat of heads is not a head)
+                for gk, jk in where.get(c, []):
+                    rk, ri = root(gk), root(gi)
+                    if rk != ri and jk == j and len(groups[gk]) == len(g):
+                        owner[ri] = rk
+                where.setdefault(c, []).append((gi, j))
     merged: dict[int, list[list[int]]] = {}
     for gi, g in enumerate(groups):
         r = root(gi)

@@ -130,11 +130,18 @@ def _lowest_precision(model: torch.nn.Module, args: tuple, kwargs: dict) -> torc
     return None
 
 
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (tied ones once; ``functional_call`` ties the other names). Unlike
+    ``state_dict()`` this includes non-persistent buffers (e.g. a rotary ``inv_freq``), which a
+    permutation may need to move."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {k: v.detach().clone() for k, v in named}
+
+
 def _run(model: torch.nn.Module, state: dict, args: tuple, kwargs: dict) -> torch.Tensor:
-    model.load_state_dict(state, strict=False)
     torch.manual_seed(0)
     with torch.no_grad(), _without_dropout():
-        return _outputs(model(*args, **kwargs))
+        return _outputs(torch.func.functional_call(model, state, args, kwargs))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -188,14 +195,16 @@ def equivariant(graph, graph_perm, perm: Permutation, flat: torch.Tensor, flat_p
 
 def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, profile: str = "generic",
            known_group: dict | None = None, rtol: float = 1e-9, seed: int = 0, kwargs: dict | None = None,
-           model_ir: ModelIR | None = None, randomize: bool = True) -> Report:
+           model_ir: ModelIR | None = None, randomize: bool = True, auto_rtol: bool = True) -> Report:
     """Verify ``module``'s inferred symmetry and compiled graph (see the module docstring).
 
     ``known_group`` may give ``free_spaces`` (sorted sizes) and ``lane_groups`` (sorted counts) of
     the group the architecture is known to have; coverage then requires equality. With
     ``randomize`` (default) the checks run on a float64 copy whose parameters get small random
     offsets, so that an initial value such as an all-ones norm weight cannot hide a bad permutation;
-    the caller's module is never modified.
+    the caller's module is never modified. A model that computes part of its forward in a lower
+    precision even on a float64 copy gets that precision's tolerance, reported in the notes, unless
+    ``auto_rtol`` is False.
     """
     from . import trace
 
@@ -212,12 +221,12 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
     kw = _to64(dict(kwargs or {}))
     ir = model_ir or trace(model, args, kw)
     graph = emit(ir, profile=profile, lpe=0)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = _state(model)
     gen = torch.Generator().manual_seed(seed)
     base = _run(model, state, args, kw)
     notes: list[str] = []
     low = _lowest_precision(model, args, kw)
-    if low is not None and rtol < _LOW_PRECISION_RTOL[low]:
+    if auto_rtol and low is not None and rtol < _LOW_PRECISION_RTOL[low]:
         rtol = _LOW_PRECISION_RTOL[low]
         notes.append(f"the model computes part of its forward in {str(low).replace('torch.', '')} even on a "
                      f"float64 copy; outputs are compared with relative tolerance {rtol:g}")
@@ -260,7 +269,6 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
         else:
             failures.append(f"bad permutation ({bad.kind}): output change {change:.3g}, "
                             f"hash {'unchanged' if h == base_hash else 'changed'}")
-    _run(model, state, args, kw)
     group = ir.group_summary()
     counts["coverage"][1] = 1
     if known_group is None:
