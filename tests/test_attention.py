@@ -35,7 +35,11 @@ SETTINGS = settings(max_examples=3, deadline=None, derandomize=False,
 
 
 def _ids(vocab: int, n: int = 4) -> torch.Tensor:
-    return torch.randint(0, vocab, (1, n))
+    """Token ids in rows of ``n`` that use every token at least once: a permutation of embedding
+    rows of tokens absent from the input would be invisible (a fact about the input, not the model)."""
+    rows = -(-vocab // n)
+    ids = torch.cat([torch.randperm(vocab), torch.randint(0, vocab, (rows * n - vocab,))])
+    return ids.view(rows, n)
 
 
 def _check(model: nn.Module, x, known: dict | None = None, trials: int = 4):
