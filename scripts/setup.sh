@@ -10,4 +10,9 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+if [[ ",${EXTRAS:-}," == *",scatter,"* ]]; then
+  # torch-scatter builds against the torch installed above (about 5 minutes the first time; pip
+  # caches the wheel); without --no-build-isolation pip would fetch a CUDA torch to build it
+  python -m pip install -q --no-build-isolation "torch-scatter>=2.1"
+fi
 python -m pip install -q -e ".[dev${EXTRAS:+,$EXTRAS}]"
