@@ -42,8 +42,9 @@ def _ids(vocab: int, n: int = 4) -> torch.Tensor:
     return ids.view(rows, n)
 
 
-def _check(model: nn.Module, x, known: dict | None = None, trials: int = 4):
-    report = neugraph.verify(model.eval(), (x,), trials=trials, known_group=known, auto_rtol=False)
+def _check(model: nn.Module, x, known: dict | None = None, trials: int = 4, kwargs: dict | None = None):
+    report = neugraph.verify(model.eval(), (x,), trials=trials, known_group=known, auto_rtol=False,
+                             kwargs=kwargs)
     assert report.ok, str(report)
     assert report.rtol == 1e-9
     return report
@@ -169,7 +170,9 @@ def encoder_cfg(draw):
 @given(encoder_cfg(), st.integers(2, 3))
 def test_bert_family_token_types(c, type_vocab):
     cfg = transformers.BertConfig(vocab_size=9, max_position_embeddings=8, type_vocab_size=type_vocab, **c)
-    _check(transformers.BertModel(cfg), _ids(9))
+    ids = _ids(9)
+    types = torch.arange(ids.numel()).remainder(type_vocab).view_as(ids)  # every token type appears
+    _check(transformers.BertModel(cfg), ids, kwargs={"token_type_ids": types})
 
 
 @SETTINGS
