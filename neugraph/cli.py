@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("inspect", help="trace a module, print its symmetry, pins and graph")
     common(p)
-    p.add_argument("--profile", default="nino", choices=["nino", "generic"])
+    p.add_argument("--profile", default="nino", choices=["nino", "naive", "generic"])
     p.add_argument("--lpe", type=int, default=8)
     p.add_argument("--draw", metavar="DIR", help="also write adjacency and graph drawings (PNG) to DIR")
     p.set_defaults(fn=_inspect)

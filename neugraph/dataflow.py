@@ -34,6 +34,7 @@ class Flow:
     attention: list[dict] = field(default_factory=list)  # {"q": fam, "v": fam, "qver": v, "vver": v}
     positional: set = field(default_factory=set)  # embeddings indexed by positions
     partner: dict[str, str] = field(default_factory=dict)  # bias -> the weight of the same contraction
+    triples: list[dict] = field(default_factory=list)  # per attention: {"q"|"k"|"v": (param, lo, hi)}
     parent: dict[int, int] = field(default_factory=dict)
 
     def find(self, v: int | None) -> int | None:
@@ -130,13 +131,17 @@ def _record_attention(flow: Flow, ctx: Ctx, pnode, q, k, v, vof) -> None:
     fq, fv = ctx.axes(q)[-1], ctx.axes(v)[-1]
     if sp.kind(fq) == "fam" and sp.kind(fv) == "fam":
         flow.attention.append({"q": fq, "v": fv, "qver": vof(q), "vver": vof(v)})
+    triple = {}
     for t, role in ((q, "q"), (k, "k"), (v, "v")):
         found = _source_slice(t, pnode)
         if found is not None:
             pname, lo, hi = found
+            triple[role] = found
             parts = flow.qkv.setdefault(pname, [])
             if (lo, hi, role) not in parts:
                 parts.append((lo, hi, role))
+    if len(triple) == 3 and triple not in flow.triples:
+        flow.triples.append(triple)
 
 
 def _source_slice(t: fx.Node, pnode: dict[str, str]):

@@ -4,6 +4,12 @@ Profiles
 - ``nino``: the published NiNo graph (see NINO_V1.md): neuron nodes, one auxiliary node per 1-D
   parameter, edge types by tensor rank and name, kernels in 9 zero-padded slots, a self-loop on
   every node, LPE node features.
+- ``naive``: the ``nino`` layout without head nodes, with each attention's query, key and value
+  projections stacked as one 3-feature edge (type ``qkv``) from the stream to the value neurons,
+  which the output projection reads, as in the earlier neural-graph work (the paper's ablation).
+  q, k and v neurons are thereby one set of nodes: the graph is equivariant to permutations that
+  move them together, not to the independent q/k vs v/o permutations the model also has. Where q,
+  k and v differ in shape (GQA, MQA) they stay separate edges typed query/key/value.
 - ``generic``: the same neurons and blocks, with edge types from the ops that use each parameter
   (a 1-D parameter that scales is a norm weight whatever its name), feature slots as wide as the
   widest parameter needs, and node features ``[LPE | pinned | auxiliary | position code]`` so that
@@ -21,19 +27,19 @@ from .graph import AuxEdges, Block, NeuralGraph
 from .ir import ModelIR, StateInfo
 from .lpe import centrality_blocks, lpe_blocks
 
-PROFILES = ("nino", "generic")
+PROFILES = ("nino", "naive", "generic")
 
 
 def _edge_type(profile: str, st: StateInfo, nnode: int) -> int:
     if nnode <= 1:
-        if profile == "nino":
+        if profile != "generic":
             return T["norm"] if st.name.endswith("weight") else T["bias"]
         return T["norm"] if st.kind == "scale" else T["bias"]
     if st.kind == "embedding":
         return T["embedding"]
     if st.kind == "positional":
         return T["positional"]
-    if st.kind == "conv" or (profile == "nino" and len(st.shape) >= 3):
+    if st.kind == "conv" or (profile != "generic" and len(st.shape) >= 3):
         return T["conv"]
     return T["dense"]
 
@@ -43,7 +49,7 @@ def emit(ir: ModelIR, profile: str = "nino", lpe: int = 8, centrality: bool = Fa
         raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
     sp = ir.spaces
     # nino, as published for transformers: one copy of the residual stream per sublayer, q/k/v typed
-    flow = ir.flow if profile == "nino" and ir.flow is not None and ir.flow.attention else None
+    flow = ir.flow if profile != "generic" and ir.flow is not None and ir.flow.attention else None
     node_start: dict[tuple[int, int], int] = {}
     kinds: list[str] = []
     labels: list[int] = []
@@ -75,6 +81,26 @@ def emit(ir: ModelIR, profile: str = "nino", lpe: int = 8, centrality: bool = Fa
         return torch.tensor([len(kinds) - 1])
 
     blocks: list[Block] = []
+    offsets = dict(zip(ir.param_names, np.cumsum([0] + [math.prod(ir.states[n].shape) for n in ir.param_names])))
+    stacks = _naive_stacks(ir, flow) if profile == "naive" and flow is not None else {}
+    emitted: set[int] = set()
+
+    def part_block(pname: str, lo: int, hi: int, role: str, aux=aux_node, node_fn=nodes) -> Block:
+        s = ir.states[pname]
+        sv, dv = flow.use.get(pname, (None, None))
+        return _block(sp, s, int(offsets[pname]), math.prod(s.shape), node_fn, aux, profile, sv, dv, (lo, hi, role))
+
+    def no_nodes(space: int, ver: int | None = None) -> torch.Tensor:  # sizes only: creates no node
+        return torch.zeros(sum(sp.size[sp.find(leaf)] for leaf in sp.leaves(space)), dtype=torch.long)
+
+    def stacked(group: list[tuple[str, int, int]]) -> Block:
+        v = part_block(*group[2], "v")
+        q, k = (part_block(*m, r, aux=lambda: v.first, node_fn=no_nodes) for m, r in zip(group[:2], "qk"))
+        q.first, q.second, q.src_is_first, q.stack = v.first, v.second, v.src_is_first, [k, v]
+        if v.first.numel() > 1:
+            q.edge_type = T["qkv"]
+        return q
+
     offset = 0
     for name in ir.param_names:
         st = ir.states[name]
@@ -85,8 +111,14 @@ def emit(ir: ModelIR, profile: str = "nino", lpe: int = 8, centrality: bool = Fa
             w = ir.states.get(flow.partner.get(name, ""))
             stream = nodes(w.axes[w.src], src_ver) if w is not None and w.src is not None else None
             for lo, hi, role in parts:
+                group = stacks.get((name, lo, hi))
+                if group is not None:
+                    if id(group) not in emitted:
+                        emitted.add(id(group))
+                        blocks.append(stacked(group))
+                    continue
                 blk = _block(sp, st, offset, numel, nodes, aux_node, profile, src_ver, dst_ver, (lo, hi, role))
-                if role == "k" and stream is not None and blk.second.numel() == stream.numel():
+                if profile == "nino" and role == "k" and stream is not None and blk.second.numel() == stream.numel():
                     blk.second = stream  # published layout: the key bias sits on the stream neurons keys point at
                 blocks.append(blk)
         else:
@@ -94,11 +126,11 @@ def emit(ir: ModelIR, profile: str = "nino", lpe: int = 8, centrality: bool = Fa
         offset += numel
     extra: list[AuxEdges] = []
     if flow is not None:
-        extra = _transformer_aux(sp, flow, nodes, aux_node)
+        extra = _transformer_aux(sp, flow, nodes, aux_node, heads=profile == "nino")
     V = len(kinds)
     loops = torch.arange(V)
     aux = extra + [AuxEdges(loops, loops, T["self"], 2.0)]
-    max_feat = max([b.feat for b in blocks] + [1])
+    max_feat = max([b.width for b in blocks] + [1])
     if profile == "nino":
         max_feat = max(max_feat, 9)
     pieces = [p for b in blocks for p in b.bipartite()]
@@ -121,9 +153,46 @@ def emit(ir: ModelIR, profile: str = "nino", lpe: int = 8, centrality: bool = Fa
         param_shapes=[ir.states[n].shape for n in ir.param_names], blocks=blocks, aux=aux,
         node_features=torch.cat(cols, 1), node_labels=node_labels, node_kind=kinds,
         node_space=torch.tensor(spaces_of, dtype=torch.long), max_feat=max_feat, lpe=lpe,
-        info={"lpe_eigenvalues": vals.tolist(), "method": ir.method},
+        info={"lpe_eigenvalues": vals.tolist(), "method": ir.method}, word_pos=_token_ids(blocks, node_labels),
     )
     return graph
+
+
+def _token_ids(blocks: list[Block], labels: torch.Tensor) -> torch.Tensor:
+    """Per node, the token id of a token node (a row of a word embedding: its pinned position), else -1.
+
+    This is the word-position node feature: token nodes are pinned, so each has an identity the
+    nowcaster may embed (``NiNoGNN(word_pos=True)``).
+    """
+    out = torch.full((labels.numel(),), -1, dtype=torch.long)
+    for b in blocks:
+        if b.edge_type != T["embedding"] or b.first.numel() <= 1:
+            continue
+        tok = b.first if b.src_is_first else b.second
+        out[tok] = torch.where(labels[tok] > 0, labels[tok] - 1, out[tok])
+    return out
+
+
+def _naive_stacks(ir: ModelIR, flow) -> dict[tuple[str, int, int], list[tuple[str, int, int]]]:
+    """Query, key and value slices (weights, and biases when all three have one) that the naive
+    profile stacks on one edge: {(param, lo, hi): [q slice, k slice, v slice]}."""
+    out: dict = {}
+
+    def usable(m) -> bool:
+        parts = _qkv_parts(flow, ir.states[m[0]])
+        return parts is not None and any(p[:2] == m[1:] for p in parts)
+
+    for t in flow.triples:
+        group = [tuple(t[r]) for r in "qkv"]
+        shapes = {ir.states[p].shape for p, _, _ in group}
+        if len({hi - lo for _, lo, hi in group}) != 1 or len(shapes) != 1 or not all(map(usable, group)):
+            continue
+        biases = {r: b for b, w in flow.partner.items() for r, m in zip("qkv", group) if w == m[0]}
+        bgroup = [(biases[r], m[1], m[2]) for r, m in zip("qkv", group) if r in biases]
+        for g in (group, bgroup if len(bgroup) == 3 and all(map(usable, bgroup)) else []):
+            if g and not any(m in out for m in g):
+                out.update((m, g) for m in g)
+    return out
 
 
 def _position_code(labels: torch.Tensor, dims: int = 4) -> torch.Tensor:
@@ -146,8 +215,8 @@ def _qkv_parts(flow, st: StateInfo) -> list[tuple[int, int, str]] | None:
     return parts
 
 
-def _transformer_aux(sp, flow, nodes, aux_node) -> list[AuxEdges]:
-    """Residual edges between versions of the same neurons, and one node per attention head."""
+def _transformer_aux(sp, flow, nodes, aux_node, heads: bool = True) -> list[AuxEdges]:
+    """Residual edges between versions of the same neurons, and (``heads``) one node per attention head."""
     out: list[AuxEdges] = []
     for old, new, axes in flow.residual:
         src, dst = [], []
@@ -159,7 +228,7 @@ def _transformer_aux(sp, flow, nodes, aux_node) -> list[AuxEdges]:
                 dst.append(nodes(leaf, new))
         if src:
             out.append(AuxEdges(torch.cat(src), torch.cat(dst), T["residual"], 1.0))
-    for att in flow.attention:
+    for att in flow.attention if heads else []:
         if sp.kind(att["q"]) != "fam" or sp.kind(att["v"]) != "fam":
             continue
         mq, mv = sp.members(att["q"]), sp.members(att["v"])
@@ -196,10 +265,18 @@ def _block(sp, st: StateInfo, offset: int, numel: int, nodes, aux_node, profile:
     def space_nodes(d: int) -> torch.Tensor:
         s = sp.struct.get(sp.find(st.axes[d]))
         ver = src_ver if d == st.src else dst_ver
-        ids = nodes(s[1] if s is not None and s[0] == "kron" else st.axes[d], ver)
-        if part is not None and d == st.dst:
-            ids = ids[part[0]: part[1]]
-        return ids
+        space = s[1] if s is not None and s[0] == "kron" else st.axes[d]
+        if part is not None and d == st.dst:  # only the leaves the slice covers get nodes
+            inside, pos = [], 0
+            for leaf in sp.leaves(space):
+                n = sp.size[sp.find(leaf)]
+                if part[0] <= pos and pos + n <= part[1]:
+                    inside.append(leaf)
+                pos += n
+            if sum(sp.size[sp.find(x)] for x in inside) == part[1] - part[0]:
+                return torch.cat([nodes(x, ver) for x in inside])
+            return nodes(space, ver)[part[0]: part[1]]
+        return nodes(space, ver)
 
     rows_per_group = 0
     if len(node_axes) == 2:
@@ -221,9 +298,9 @@ def _block(sp, st: StateInfo, offset: int, numel: int, nodes, aux_node, profile:
         return Block(st.name, offset, numel, tuple(view_shape), order, first, second, src_is_first, feat,
                      etype, rows_per_group, st.trainable)
     lo, hi, role = part
-    if len(node_axes) == 2:  # queries read the stream; keys point back at it; values as usual
+    if len(node_axes) == 2:  # queries read the stream; keys point back at it (nino); values as usual
         etype = {"q": T["query"], "k": T["key"], "v": T["value"]}[role]
-        if role == "k":
+        if role == "k" and profile == "nino":
             src_is_first = not src_is_first
     vaxis = where[st.dst]
     return Block(st.name, offset, numel // shape[st.dst] * (hi - lo), tuple(view_shape), order, first, second,

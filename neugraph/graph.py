@@ -3,7 +3,9 @@
 Every parameter becomes one :class:`Block`. A block's edges are enumerated in the parameter's own
 memory order over its two node axes, and its remaining axes are the edge's feature slots, so
 ``edge_features`` is a reshape of the flat state vector and ``to_params`` is its exact inverse; no
-index tensor the size of the model is ever needed for either.
+index tensor the size of the model is ever needed for either. A block may carry further blocks of
+the same edge layout in ``stack`` (the ``naive`` profile's q, k, v as one 3-feature edge): their
+features follow its own, slot by slot.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 NINO_TYPES = {
     "padding": 0, "dense": 1, "bias": 2, "conv": 3, "norm": 4, "embedding": 5, "positional": 6,
     "query": 7, "key": 8, "value": 9, "residual": 10, "head": 11, "unused": 12, "self": 13,
+    "qkv": 14,  # naive profile only: query, key and value stacked on one edge
 }
 
 
@@ -36,6 +39,16 @@ class Block:
     trainable: bool = True
     part: tuple[int, int, int] | None = None  # (view axis, lo, hi): the block covers this slice only
     param_numel: int = 0  # the whole parameter's numel when ``part`` is set (``numel`` is the slice's)
+    stack: list["Block"] = field(default_factory=list)  # same edges, features appended after this block's
+
+    @property
+    def width(self) -> int:
+        """Feature slots per edge, stacked blocks included."""
+        return self.feat + sum(m.feat for m in self.stack)
+
+    def members(self) -> list["Block"]:
+        """This block and the blocks stacked on it: every parameter region its edges carry."""
+        return [self, *self.stack]
 
     def param_view(self, flat: torch.Tensor) -> torch.Tensor:
         """This block's elements of a (num_params, T) tensor, as ``view_shape + (T,)`` (a view)."""
@@ -113,6 +126,7 @@ class NeuralGraph:
     max_feat: int
     lpe: int = 8
     info: dict = field(default_factory=dict)
+    word_pos: torch.Tensor | None = None  # (V,) long: token id of a token node (embedding row), -1 elsewhere
     _edge_index: torch.Tensor | None = field(default=None, repr=False)
     _edge_type: torch.Tensor | None = field(default=None, repr=False)
 
@@ -164,7 +178,7 @@ class NeuralGraph:
     @property
     def trainable_mask(self) -> torch.Tensor:
         """(num_params,) bool: False for frozen parameters."""
-        flag = {b.name: b.trainable for b in self.blocks}
+        flag = {m.name: m.trainable for b in self.blocks for m in b.members()}
         parts = [torch.full((n,), flag.get(name, True), dtype=torch.bool)
                  for name, n in zip(self.param_names, self.param_sizes)]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
@@ -173,17 +187,22 @@ class NeuralGraph:
         """(num_params,) long: the edge type each parameter element is carried by."""
         out = torch.zeros(self.num_params, 1, dtype=torch.long)
         for b in self.blocks:
-            b.param_view(out).fill_(b.edge_type)
+            for m in b.members():
+                m.param_view(out).fill_(b.edge_type)
         return out[:, 0]
 
     # ---- features and the inverse map ----------------------------------------------------------
     def block_features(self, b: Block, states: torch.Tensor) -> torch.Tensor:
-        """(edges, feat, T) view of one block's slice of ``states`` (num_params, T)."""
+        """(edges, width, T) features of one block (a view unless blocks are stacked on it)."""
         T = states.shape[1]
-        x = b.param_view(states.contiguous())
-        if not b.is_identity_layout():
-            x = x.permute(*b.order, len(b.view_shape))
-        return x.reshape(b.num_edges, b.feat, T)
+        states = states.contiguous()
+        parts = []
+        for m in b.members():
+            x = m.param_view(states)
+            if not m.is_identity_layout():
+                x = x.permute(*m.order, len(m.view_shape))
+            parts.append(x.reshape(b.num_edges, m.feat, T))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def edge_features(self, states: torch.Tensor) -> torch.Tensor:
         """(E, max_feat * T) edge features, slot-major (index ``slot * T + t``), zero-padded.
@@ -200,7 +219,7 @@ class NeuralGraph:
         out = states.new_zeros(self.num_edges, self.max_feat, T)
         e = 0
         for b in self.blocks:
-            out[e: e + b.num_edges, : b.feat] = self.block_features(b, states)
+            out[e: e + b.num_edges, : b.width] = self.block_features(b, states)
             e += b.num_edges
         for a in self.aux:
             n = a.src.numel()
@@ -230,14 +249,17 @@ class NeuralGraph:
         out = v.new_empty(self.num_params, T)
         e = 0
         for b in self.blocks:
-            x = v[e: e + b.num_edges, : b.feat]
-            if b.is_identity_layout() and b.part is None:
-                out[b.offset: b.offset + b.numel] = x.reshape(b.numel, T)
-            else:
-                dest = b.param_view(out)
-                permuted = [dest.shape[i] for i in b.order]
-                inv = [b.order.index(i) for i in range(len(b.order))]
-                dest.copy_(x.reshape(*permuted, T).permute(*inv, len(inv)))
+            slot = 0
+            for m in b.members():
+                x = v[e: e + b.num_edges, slot: slot + m.feat]
+                slot += m.feat
+                if m.is_identity_layout() and m.part is None:
+                    out[m.offset: m.offset + m.numel] = x.reshape(m.numel, T)
+                else:
+                    dest = m.param_view(out)
+                    permuted = [dest.shape[i] for i in m.order]
+                    inv = [m.order.index(i) for i in range(len(m.order))]
+                    dest.copy_(x.reshape(*permuted, T).permute(*inv, len(inv)))
             e += b.num_edges
         return out[:, 0] if squeeze else out
 

@@ -125,8 +125,11 @@ class NiNoGNN(Nowcaster):
             if pos is None:
                 pos = graph.info.get("word_pos")
             if pos is None:  # no token nodes: every node gets the "no token" row
-                pos = torch.full((V,), self.vocab_size, dtype=torch.long)
-            x = x + self.word_pos(torch.as_tensor(pos, dtype=torch.long, device=dev))
+                pos = torch.full((V,), -1, dtype=torch.long)
+            pos = torch.as_tensor(pos, dtype=torch.long, device=dev)
+            # -1 (not a token node) and ids beyond this nowcaster's vocabulary share the "no token" row
+            pos = torch.where((pos < 0) | (pos >= self.vocab_size), self.vocab_size, pos)
+            x = x + self.word_pos(pos)
         if self.centrality_in is not None:
             col = getattr(graph, "lpe", self.lpe)
             if nf.shape[1] <= col:
