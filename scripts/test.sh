@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 EXTRAS=${EXTRAS-scatter}  # the suite runs with torch-scatter (its default backend when installed) ...
 . scripts/setup.sh
+bash scripts/fetch_data.sh  # real datasets into $NOWCAST_DATA (default ./data); skips what is there
 set +e
 python -m pytest -q "$@"
 rc=$?
