@@ -1,0 +1,179 @@
+"""One training run of a task, with AdamW alone or AdamW wrapped in the NiNo optimizer.
+
+:func:`run_training` is what the demo and the acceleration benchmark call. For a given ``seed``
+every method starts from the same weights (``build_model(task, seed)``) and sees the same batch
+stream (``batches(task, data, seed)``), aligned **by step index**: on a nowcast step the wrapper
+replaces the base step by a nowcast and needs no gradients, so the loop skips forward/backward
+but still draws (and discards) that step's batch. Step ``s`` of every method therefore uses
+batch ``s`` of the stream, and the scores at a given step are comparable across methods.
+
+The base optimizer is AdamW with the task's learning rate and weight decay, constant over the run
+(no schedule, as in the paper's protocol). Scores are taken at step 0, every ``eval_every`` steps
+and after the last step, on the task's full held-out set.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from .tasks import Task, TaskData, batches, build_model, evaluate, example_inputs, get_task, load_task_data, loss_fn
+
+__all__ = ["run_training", "steps_to_target"]
+
+LogLike = Union[None, Callable[[dict], Any], str, Path]
+
+
+def steps_to_target(task: Task, eval_steps: list[int], scores: list[float]) -> Optional[int]:
+    """The first evaluated step whose score reaches the task's target (None if none does)."""
+    for s, v in zip(eval_steps, scores):
+        if task.reached(v):
+            return s
+    return None
+
+
+def _logger(log: LogLike) -> Optional[Callable[[dict], None]]:
+    if log is None:
+        return None
+    if callable(log):
+        return log
+    path = Path(log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+
+    def write(record: dict) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    return write
+
+
+def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowcaster: Any = None,
+                 steps: Optional[int] = None, eval_every: Optional[int] = None, data: Optional[TaskData] = None,
+                 period: Any = 1000, ctx: int = 5, progress: bool = True, log: LogLike = None) -> dict:
+    """Train ``build_model(task, seed)`` for ``steps`` steps and return a JSON-serialisable record.
+
+    Args:
+        task: a :class:`~nowcast.tasks.Task` or its registry name.
+        seed: model initialisation and batch stream.
+        method: the label stored in the record (with a nowcaster and the default ``"adamw"``, the
+            label becomes ``"adamw+<NowcasterClass>"``).
+        nowcaster: ``None`` for AdamW alone, else any nowcaster (NiNoGNN, WNNPlus, Linefit,
+            LinefitPlus); AdamW is then wrapped in :class:`nowcast.optim.NiNo` with ``period``
+            (an int or a :class:`nowcast.schedule.DynamicPeriod`), ``ctx``, ``total_steps=steps``
+            and the published k-decay. A graph, if the nowcaster needs one, is compiled from
+            ``example_inputs(task)``.
+        steps, eval_every: default the task's.
+        data: the task's loaded data (loaded here when None; pass it to share one load across runs).
+        progress: show a tqdm progress bar.
+        log: None, a callable receiving one dict per evaluation, or a path (JSON lines, overwritten).
+
+    Returns a dict with ``task, seed, method, steps, eval_every, eval_steps, scores, train_loss``
+    (mean training loss since the previous evaluation, None at step 0), ``steps_to_target, target,
+    metric, final_score, wall_time_s`` (whole run), ``eval_time_s``, ``nowcasts``,
+    ``nowcasts_rejected``, ``nowcast_steps`` and ``period``.
+    """
+    task = get_task(task)
+    steps = task.steps if steps is None else int(steps)
+    eval_every = task.eval_every if eval_every is None else int(eval_every)
+    if steps < 1 or eval_every < 1:
+        raise ValueError(f"steps and eval_every must be >= 1, got steps={steps}, eval_every={eval_every}")
+    if nowcaster is not None and method == "adamw":
+        method = f"adamw+{type(nowcaster).__name__}"
+    emit = _logger(log)
+    t_start = time.perf_counter()
+    if data is None:
+        data = load_task_data(task)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # nothing in the loop draws from it today; pins anything that might
+        model = build_model(task, seed)
+        base = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=task.weight_decay)
+        opt: torch.optim.Optimizer = base
+        wrapper = None
+        if nowcaster is not None:
+            from .optim import NiNo
+
+            wrapper = NiNo(model, base, nowcaster, period=period, ctx=ctx, total_steps=steps,
+                           example_inputs=example_inputs(task) if getattr(nowcaster, "needs_graph", True) else None)
+            opt = wrapper
+
+        eval_steps: list[int] = []
+        scores: list[float] = []
+        train_loss: list[Optional[float]] = []
+        nowcast_steps: list[int] = []
+        eval_time = 0.0
+        loss_sum, loss_n = 0.0, 0
+
+        def do_eval(step: int) -> float:
+            nonlocal eval_time, loss_sum, loss_n
+            t0 = time.perf_counter()
+            score = evaluate(task, model, data)
+            eval_time += time.perf_counter() - t0
+            eval_steps.append(step)
+            scores.append(score)
+            mean_loss = loss_sum / loss_n if loss_n else None
+            train_loss.append(mean_loss)
+            loss_sum, loss_n = 0.0, 0
+            if emit is not None:
+                emit({"task": task.name, "seed": seed, "method": method, "step": step, "score": score,
+                      "train_loss": mean_loss, "time_s": round(time.perf_counter() - t_start, 3)})
+            return score
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc=f"{task.name} {method} seed {seed}", unit="step", dynamic_ncols=True,
+                       leave=True)
+        score = do_eval(0)
+        stream = batches(task, data, seed)
+        for step in range(steps):
+            inputs, targets = next(stream)  # drawn on every step, nowcast or not: batches stay aligned
+            opt.zero_grad(set_to_none=True)
+            if wrapper is None or wrapper.need_grads:
+                loss = loss_fn(task, model, inputs, targets)
+                loss.backward()
+                lv = float(loss.detach())
+                if math.isfinite(lv):
+                    loss_sum += lv
+                    loss_n += 1
+            else:
+                nowcast_steps.append(step)
+            opt.step()
+            done = step + 1
+            if done % eval_every == 0 or done == steps:
+                score = do_eval(done)
+                if bar is not None:
+                    bar.set_postfix({task.metric[:4]: f"{score:.2f}"}, refresh=False)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+
+    wall = time.perf_counter() - t_start
+    st = wrapper.state if wrapper is not None else {}
+    return {
+        "task": task.name, "seed": seed, "method": method, "steps": steps, "eval_every": eval_every,
+        "metric": task.metric, "target": task.target, "eval_steps": eval_steps, "scores": scores,
+        "train_loss": train_loss, "steps_to_target": steps_to_target(task, eval_steps, scores),
+        "final_score": scores[-1], "wall_time_s": round(wall, 3), "eval_time_s": round(eval_time, 3),
+        "nowcasts": int(st.get("nowcasts", 0)), "nowcasts_rejected": int(st.get("nowcasts_rejected", 0)),
+        "nowcast_steps": nowcast_steps, "period": _period_repr(period) if nowcaster is not None else None,
+        "ctx": ctx if nowcaster is not None else None, "lr": task.lr, "weight_decay": task.weight_decay,
+        "batch_size": task.batch_size, "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _period_repr(period: Any) -> Any:
+    if isinstance(period, int):
+        return period
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(period):
+        return {"type": type(period).__name__, **asdict(period)}
+    return repr(period)
