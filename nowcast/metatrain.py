@@ -1,0 +1,810 @@
+"""Meta-training of the NiNo GNN (:class:`nowcast.NiNoGNN`) on collected training trajectories.
+
+The procedure, its defaults and the commands are in ``docs/metatrain.md``. In short:
+
+- a *trajectory store* ``<root>/<task>/`` holds ``states.f16`` (a float16 memmap of shape
+  ``(runs, n_saves, num_params)``, save 0 = the initial parameters, one save every ``save_every``
+  steps, rows in ``graph.param_names`` order) and ``meta.json`` (``num_params``, ``param_names``,
+  ``save_every``, ``n_saves``, ``runs``, ``done`` = complete saves per run, ...);
+- a *window* is ``ctx`` states spaced ``period / ctx`` steps apart (``stride`` saves) at a random
+  run and position; its *targets* are the states ``k = 1 .. K`` spacings after the newest window
+  state, masked where the run has no such save (``k`` is the horizon of ``Nowcaster.predict``);
+- the loss of a window is the mean absolute error, in the scaled space of
+  :func:`nowcast.scaling.scale` (the inference scaling), between ``scaled[:, -1] + delta_k`` (all
+  horizons from one forward pass of the same :class:`~nowcast.NiNoGNN` code as inference) and the
+  targets scaled with the window's own shift and divisor, over the parameters the nowcaster can
+  move and the valid horizons; a batch's loss is the mean over its windows (several tasks may
+  mix);
+- AdamW with (optional warm-up and) cosine decay, gradient-norm clipping, bf16 autocast on CUDA,
+  a step with a non-finite loss or gradient is skipped and counted, checkpoints with everything
+  needed for an exact resume, a JSON-lines log, a PNG of the curves, a held-out validation loss.
+
+``python -m nowcast.metatrain --help`` is the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import save as save_nowcaster
+from .gnn import NiNoGNN
+from .scaling import scale
+
+STATES_FILE, META_FILE = "states.f16", "meta.json"
+CKPT_DIR, LOG_FILE, PLOT_FILE, CONFIG_FILE, SUMMARY_FILE = "checkpoints", "log.jsonl", "loss.png", "config.json", \
+    "summary.json"
+NOWCASTER_DIR = "nowcaster"
+
+
+class MetaTrainError(ValueError):
+    """A store, task or configuration the meta-trainer cannot use, with the reason and the fix."""
+
+
+# ---- trajectory stores -----------------------------------------------------------------------------
+STORE_FORMAT = "nowcast-trajectories/1"
+
+
+def _read_store(path: Path) -> tuple[np.memmap, dict, list[int]]:
+    """Read a store in the collector's format: (states memmap, meta, complete run ids).
+
+    Used only when ``nowcast.collect`` cannot be imported; ``collect.load_trajectories`` is the
+    reference reader.
+    """
+    meta_path = path / META_FILE
+    if not meta_path.exists():
+        raise MetaTrainError(f"{path}: no trajectory store here (no {META_FILE}); collect one with "
+                             "`python -m nowcast.collect --task TASK --out DIR` and pass --data DIR")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != STORE_FORMAT:
+        raise MetaTrainError(f"{meta_path} has format {meta.get('format')!r}, expected {STORE_FORMAT!r}")
+    info = meta.get("states", {})
+    shape = tuple(info.get("shape", (meta["runs"], meta["n_saves"], meta["num_params"])))
+    states = np.memmap(path / info.get("file", STATES_FILE), dtype=np.float16, mode="r", shape=shape)
+    complete = [r for r, d in enumerate(meta["done"]) if d == meta["n_saves"]]
+    return states, meta, complete
+
+
+def open_store(path: str | Path) -> tuple[np.ndarray, dict, list[int]]:
+    """(states memmap (runs, n_saves, num_params) float16, meta dict, complete run ids) of a store.
+
+    ``path`` is a ``<root>/<task>`` directory written by ``python -m nowcast.collect``.
+    """
+    path = Path(path)
+    try:
+        from .collect import load_trajectories
+    except ImportError:  # the collector is optional for reading
+        return _read_store(path)
+    if not (path / META_FILE).exists():
+        raise MetaTrainError(f"{path}: no trajectory store here (no {META_FILE}); collect one with "
+                             "`python -m nowcast.collect --task TASK --out DIR` and pass --data DIR")
+    t = load_trajectories(path)
+    return t.states, t.meta, list(t.complete_runs)
+
+
+def _done_counts(meta: dict, runs: int, n_saves: int, where: Path) -> np.ndarray:
+    done = meta.get("done")
+    if done is None:
+        raise MetaTrainError(f"{where}: meta.json has no per-run 'done' counts; the store was not written by the "
+                             "collector (or is too old): recollect it")
+    if isinstance(done, dict):  # {"run": count}
+        done = [done.get(str(r), 0) for r in range(runs)]
+    done = np.asarray(done, dtype=np.int64)
+    if done.shape != (runs,) or (done < 0).any() or (done > n_saves).any():
+        raise MetaTrainError(f"{where}: 'done' must list, per run, how many of the {n_saves} saves are complete")
+    return done
+
+
+# ---- tasks -----------------------------------------------------------------------------------------
+@dataclass
+class TaskData:
+    """One task's trajectories with its compiled graph and sampling geometry.
+
+    ``stride`` is the number of saves between two window states (``period / ctx / save_every``);
+    ``train_runs`` / ``val_runs`` are the run ids usable for training / validation (runs with at
+    least one complete window and one target).
+    """
+
+    name: str
+    graph: Any
+    states: np.ndarray
+    done: np.ndarray
+    save_every: int
+    stride: int
+    ctx: int
+    horizon: int
+    train_runs: np.ndarray
+    val_runs: np.ndarray
+    ir: Any = None
+    trainable: torch.Tensor = field(default=None, repr=False)
+    flat_ids: dict | None = field(default=None, repr=False)
+
+    @property
+    def num_params(self) -> int:
+        return int(self.states.shape[2])
+
+    def newest_range(self, run: int) -> tuple[int, int]:
+        """Inclusive range of the newest window save for ``run`` that leaves at least one target."""
+        return (self.ctx - 1) * self.stride, int(self.done[run]) - 1 - self.stride
+
+
+def window_stride(period: int, ctx: int, save_every: int) -> int:
+    """Saves between two window states: ``period / ctx / save_every``, which must be whole."""
+    if period <= 0 or ctx <= 0 or save_every <= 0:
+        raise MetaTrainError(f"period ({period}), ctx ({ctx}) and save_every ({save_every}) must be positive")
+    if period % ctx or (period // ctx) % save_every:
+        raise MetaTrainError(f"period {period} / ctx {ctx} must be a whole multiple of the store's save_every "
+                             f"({save_every} steps); choose --period as a multiple of {ctx * save_every}")
+    return period // ctx // save_every
+
+
+def load_task(name: str, store: str | Path, graph, *, period: int = 1000, ctx: int = 5, horizon: int = 40,
+              val_fraction: float = 0.1, ir=None) -> TaskData:
+    """Open ``store`` (a ``<root>/<task>`` directory) for meta-training on ``graph``.
+
+    ``graph`` is ``neugraph.compile(model, example_inputs, profile="nino")`` of the task's model;
+    ``ir`` (``neugraph.trace`` of the same model) enables permutation augmentation. The last
+    ``val_fraction`` of the runs (at least one when there are two or more) are held out.
+    """
+    store = Path(store)
+    states, meta, _complete = open_store(store)
+    runs, n_saves, num_params = (int(s) for s in states.shape)
+    if meta.get("task") not in (None, name):
+        raise MetaTrainError(f"{store}: the store holds task {meta['task']!r}, not {name!r}; check --data/--tasks")
+    if num_params != graph.num_params:
+        raise MetaTrainError(f"{store}: {num_params} parameters per state but the graph of task {name!r} has "
+                             f"{graph.num_params}; the store was collected for another model: recollect it")
+    names = meta.get("param_names")
+    if names is not None and list(names) != list(graph.param_names):
+        raise MetaTrainError(f"{store}: the store's param_names differ from the graph's param_names order; states "
+                             "must be flat in graph.param_names (named_parameters()) order: recollect the store")
+    done = _done_counts(meta, runs, n_saves, store)
+    stride = window_stride(period, ctx, int(meta["save_every"]))
+    usable = np.flatnonzero(done >= ctx * stride + 1)  # a full window and one target
+    n_val = 0 if runs < 2 else max(1, int(round(val_fraction * runs))) if val_fraction > 0 else 0
+    val_ids = set(range(runs - n_val, runs))
+    train = np.array([r for r in usable if r not in val_ids], dtype=np.int64)
+    val = np.array([r for r in usable if r in val_ids], dtype=np.int64)
+    if len(train) == 0:
+        need = ((ctx - 1) * stride + 1 + stride) * int(meta["save_every"])
+        raise MetaTrainError(f"{store}: no training run has a full window and a target (needs {need} collected "
+                             f"steps at period {period}); collect longer runs or choose a smaller --period")
+    _ = graph.edge_index, graph.edge_type  # materialise once; shallow copies (LPE sign flips) share them
+    return TaskData(name=name, graph=graph, states=states, done=done, save_every=int(meta["save_every"]),
+                    stride=stride, ctx=ctx, horizon=horizon, train_runs=train, val_runs=val, ir=ir,
+                    trainable=graph.trainable_mask)
+
+
+# ---- windows ---------------------------------------------------------------------------------------
+@dataclass
+class Window:
+    """One training example: ``states`` (P, ctx) oldest first, ``targets`` (P, K), ``mask`` (K,).
+
+    ``task`` indexes the task list; ``run``/``newest`` say where it came from; ``lpe_sign`` (lpe,)
+    flips LPE columns (None: as compiled).
+    """
+
+    task: int
+    run: int
+    newest: int
+    states: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    lpe_sign: torch.Tensor | None = None
+
+
+def window_saves(newest: int, stride: int, ctx: int) -> np.ndarray:
+    """Save indices of a window whose newest state is save ``newest``, oldest first."""
+    return newest - stride * np.arange(ctx - 1, -1, -1)
+
+
+def target_saves(newest: int, stride: int, horizon: int) -> np.ndarray:
+    """Save indices of the targets at horizons 1..horizon (some may lie past the trajectory)."""
+    return newest + stride * np.arange(1, horizon + 1)
+
+
+def read_windows(task: TaskData, run: int, newest: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]]:
+    """(states (P, ctx), targets (P, K), mask (K,)) float32 for windows of ``run`` ending at ``newest``.
+
+    ``newest`` must be equally spaced by ``stride`` (windows shifted by one spacing), so one read
+    of the memmap serves all of them. Targets past ``done[run]`` or not finite are masked (and set
+    to the newest state, so that masked entries are finite).
+    """
+    ctx, s, K = task.ctx, task.stride, task.horizon
+    first, last_needed = newest[0] - (ctx - 1) * s, newest[-1] + K * s
+    last = min(last_needed, int(task.done[run]) - 1)
+    saves = np.arange(first, last + 1, s)
+    block = torch.from_numpy(np.asarray(task.states[run, saves], dtype=np.float32)).t().contiguous()  # (P, n)
+    finite = torch.isfinite(block).all(0)
+    out = []
+    for j in range(len(newest)):
+        win = block[:, j: j + ctx]
+        tgt = win[:, -1:].repeat(1, K)
+        mask = torch.zeros(K, dtype=torch.bool)
+        avail = block[:, j + ctx: j + ctx + K]
+        n = avail.shape[1]
+        tgt[:, :n] = avail
+        mask[:n] = finite[j + ctx: j + ctx + n]
+        tgt[:, ~mask] = win[:, -1:]
+        out.append((win.clone(), tgt, mask))
+    return out
+
+
+def flat_permutation(task: TaskData, generator: torch.Generator) -> torch.Tensor:
+    """A random element of the model's neuron-permutation group as an index into the flat state.
+
+    ``states[index]`` is the trajectory of the permuted (functionally identical) model.
+    """
+    g = task.graph
+    if task.flat_ids is None:  # each parameter as its own flat indices, shaped like the parameter
+        sd, off = {}, 0
+        for name, shape in zip(g.param_names, g.param_shapes):
+            n = math.prod(shape)
+            sd[name] = torch.arange(off, off + n).view(shape)
+            off += n
+        task.flat_ids = sd
+    out = task.ir.sample_symmetry(generator).apply(task.flat_ids)
+    return torch.cat([out[name].reshape(-1) for name in g.param_names])
+
+
+class WindowSampler:
+    """Random windows as the paper samples them, reproducible from a :class:`torch.Generator`.
+
+    Each draw picks a task uniformly, one of its runs uniformly, and a newest state uniformly among
+    the positions that leave ``per_run`` consecutive windows (each shifted by one spacing) with at
+    least one target; the ``per_run`` windows share one LPE sign flip (``lpe_flip``) and, with
+    ``permute``, one random neuron permutation. Windows whose own states are not finite are dropped
+    and counted in ``bad_windows``.
+    """
+
+    def __init__(self, tasks: Sequence[TaskData], generator: torch.Generator, *, per_run: int = 4,
+                 lpe: int = 8, lpe_flip: bool = True, permute: bool = False, split: str = "train"):
+        if per_run < 1:
+            raise MetaTrainError("per_run must be >= 1")
+        if permute and any(t.ir is None for t in tasks):
+            raise MetaTrainError("permutation augmentation needs each task's neugraph.trace IR (load_task(ir=...))")
+        self.tasks, self.gen, self.per_run, self.lpe = list(tasks), generator, per_run, lpe
+        self.lpe_flip, self.permute, self.split = lpe_flip, permute, split
+        self.bad_windows = 0
+        self._runs = [t.train_runs if split == "train" else t.val_runs for t in self.tasks]
+        if not any(len(r) for r in self._runs):
+            raise MetaTrainError(f"no {split} runs with a complete window in any task")
+
+    def _randint(self, lo: int, hi: int) -> int:
+        """Uniform integer in [lo, hi] from the sampler's generator."""
+        return lo + int(torch.randint(hi - lo + 1, (1,), generator=self.gen))
+
+    def draw(self) -> list[Window]:
+        """One run's group of up to ``per_run`` windows."""
+        choices = [i for i, r in enumerate(self._runs) if len(r)]
+        ti = choices[self._randint(0, len(choices) - 1)]
+        task = self.tasks[ti]
+        runs = self._runs[ti]
+        run = int(runs[self._randint(0, len(runs) - 1)])
+        lo, hi = task.newest_range(run)
+        n = min(self.per_run, (hi - lo) // task.stride + 1)
+        start = self._randint(lo, hi - (n - 1) * task.stride)
+        newest = [start + j * task.stride for j in range(n)]
+        sign = None
+        if self.lpe_flip and self.lpe:
+            sign = torch.randint(2, (self.lpe,), generator=self.gen).float() * 2 - 1
+        perm = flat_permutation(task, self.gen) if self.permute else None
+        out = []
+        for t, (win, tgt, mask) in zip(newest, read_windows(task, run, newest)):
+            if not bool(torch.isfinite(win).all()) or not bool(mask.any()):
+                self.bad_windows += 1
+                continue
+            if perm is not None:
+                win, tgt = win[perm], tgt[perm]
+            out.append(Window(ti, run, t, win, tgt, mask, sign))
+        return out
+
+    def batch(self, size: int) -> list[Window]:
+        """``size`` windows (groups of ``per_run`` from random runs)."""
+        out: list[Window] = []
+        attempts = 0
+        while len(out) < size:
+            got = self.draw()
+            out += got[: size - len(out)]
+            attempts += 1
+            if attempts > 100 * size and not out:
+                raise MetaTrainError("every sampled window has non-finite states; the store holds diverged runs: "
+                                     "recollect it or drop those runs")
+        return out
+
+
+def fixed_windows(tasks: Sequence[TaskData], count: int, seed: int) -> list[Window]:
+    """A fixed set of ``count`` held-out windows (validation runs, no augmentation)."""
+    if not any(len(t.val_runs) for t in tasks) or count <= 0:
+        return []
+    sampler = WindowSampler(tasks, torch.Generator().manual_seed(seed), per_run=1, lpe_flip=False,
+                            split="val")
+    return sampler.batch(count)
+
+
+# ---- the loss ----------------------------------------------------------------------------------------
+def _signed_graph(graph, sign: torch.Tensor | None):
+    """The graph with LPE columns multiplied by ``sign`` (a shallow copy; the original is untouched)."""
+    if sign is None:
+        return graph
+    g = copy.copy(graph)
+    nf = graph.node_features.clone()
+    n = min(len(sign), nf.shape[1])
+    nf[:, :n] = nf[:, :n] * sign[:n].to(nf.dtype)
+    g.node_features = nf
+    return g
+
+
+def predict_scaled_all(model: NiNoGNN, graph, scaled: torch.Tensor) -> torch.Tensor:
+    """(P, K) predicted scaled states at every horizon: ``scaled[:, -1] + delta_k``, differentiable.
+
+    The same network as :meth:`NiNoGNN.predict` (``edge_states`` and the head), with all horizons
+    from one pass (``head.all``) mapped back by ``graph.to_params``.
+    """
+    e = model.edge_states(graph, scaled)[: graph.num_param_edges]
+    out = model.head.all(e)[:, : graph.max_feat]  # (E_param, slots, K)
+    return scaled[:, -1:] + graph.to_params(out).float()
+
+
+def window_loss(model: NiNoGNN, task: TaskData, window: Window) -> torch.Tensor:
+    """Masked L1 between predicted and target states in the window's scaled space (a scalar).
+
+    Rows the nowcaster cannot move are left out: frozen parameters, and, for per-tensor ``std``
+    scaling, tensors constant over the window (their divisor is ``eps``: the nowcast returns them
+    unchanged, and their scaled targets would be ``change / 1e-6``).
+    """
+    dev = next(model.parameters()).device
+    states = window.states.to(dev)
+    scaled, sc = scale(states, task.graph, model.scaling)  # exactly as inference scales
+    shift, div = sc.rows()
+    targets = (window.targets.to(dev) - shift) / div
+    pred = predict_scaled_all(model, _signed_graph(task.graph, window.lpe_sign), scaled)
+    rows = task.trainable.to(dev) & (div[:, 0] > sc.eps)
+    mask = window.mask.to(dev)
+    err = (pred - targets).abs()[rows][:, mask]
+    if err.numel() == 0:
+        return pred.sum() * 0.0
+    return err.mean()
+
+
+# ---- configuration -----------------------------------------------------------------------------------
+@dataclass
+class MetaTrainConfig:
+    """Everything that defines a meta-training run (defaults: docs/metatrain.md says why)."""
+
+    steps: int = 20_000
+    batch: int = 16
+    per_run: int = 4
+    lr: float = 3e-3
+    min_lr: float = 1e-6
+    warmup: int = 0
+    weight_decay: float = 1e-2
+    clip: float = 5.0
+    period: int = 1000
+    lpe_flip: bool = True
+    permute: bool = False
+    amp: bool = True
+    seed: int = 0
+    val_fraction: float = 0.1
+    val_windows: int = 64
+    val_every: int = 500
+    ckpt_every: int = 200
+    keep: int = 2
+    model: dict = field(default_factory=dict)  # NiNoGNN arguments (defaults: the published architecture)
+
+    # keys that change the weights the run produces (a resumed run must agree on them)
+    TRAINING_KEYS = ("steps", "batch", "per_run", "lr", "min_lr", "warmup", "weight_decay", "clip", "period",
+                     "lpe_flip", "permute", "amp", "seed", "val_fraction", "model")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def training_dict(self) -> dict:
+        d = self.to_dict()
+        return {k: d[k] for k in self.TRAINING_KEYS}
+
+
+class WarmupCosine:
+    """LR factor for step ``s`` (0-based): linear warm-up to 1, then cosine to ``min_ratio``."""
+
+    def __init__(self, steps: int, warmup: int = 0, min_ratio: float = 0.0):
+        self.steps, self.warmup, self.min_ratio = int(steps), int(warmup), float(min_ratio)
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / self.warmup
+        progress = min(1.0, (s - self.warmup) / max(1, self.steps - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---- the trainer -------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    ok: bool
+
+
+class MetaTrainer:
+    """Meta-trains a :class:`NiNoGNN` on ``tasks``; writes everything under ``out``.
+
+    ``run()`` resumes from the newest checkpoint in ``out/checkpoints`` when there is one (the
+    training configuration must then be the same), trains to ``config.steps``, and saves the
+    nowcaster with :func:`nowcast.save` to ``out/nowcaster``.
+    """
+
+    def __init__(self, tasks: Sequence[TaskData], config: MetaTrainConfig, out: str | Path,
+                 device: str | torch.device | None = None, progress: bool = True,
+                 task_info: dict | None = None):
+        if not tasks:
+            raise MetaTrainError("no tasks to meta-train on")
+        self.tasks, self.cfg, self.out = list(tasks), config, Path(out)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.progress, self.task_info = progress, task_info or {}
+        torch.manual_seed(config.seed)
+        self.model = NiNoGNN(**config.model).to(self.device).train()
+        for t in self.tasks:
+            if t.ctx != self.model.ctx or t.horizon != self.model.max_horizon:
+                raise MetaTrainError(f"task {t.name}: loaded with ctx={t.ctx}, horizon={t.horizon} but the model "
+                                     f"has ctx={self.model.ctx}, horizon={self.model.max_horizon}; load_task with "
+                                     "the model's values")
+            if t.graph.max_feat > self.model.max_feat:
+                raise MetaTrainError(f"task {t.name}: its graph has {t.graph.max_feat} feature slots but the model "
+                                     f"takes {self.model.max_feat}; compile with profile='nino' or raise max_feat")
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, WarmupCosine(config.steps, config.warmup, config.min_lr / config.lr))
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.sampler = WindowSampler(self.tasks, self.gen, per_run=config.per_run, lpe=self.model.lpe,
+                                     lpe_flip=config.lpe_flip, permute=config.permute)
+        self.val = fixed_windows(self.tasks, config.val_windows, seed=config.seed + 1_000_003)
+        self.step, self.skipped = 0, 0
+        self.amp = bool(config.amp and self.device.type == "cuda")
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+    def train_step(self, windows: Sequence[Window]) -> StepResult:
+        """One optimizer step on ``windows`` (loss = mean of the window losses).
+
+        A non-finite loss or gradient norm skips the step: the weights and the optimizer's moments
+        are left exactly as they were and ``self.skipped`` grows by one. The LR schedule advances
+        either way (the step is consumed).
+        """
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        finite = True
+        for w in windows:
+            with self._autocast():
+                loss = window_loss(self.model, self.tasks[w.task], w) / len(windows)
+            if not torch.isfinite(loss):
+                finite = False
+                total = float("nan")
+                break
+            loss.backward()
+            total += float(loss.detach())
+        norm = float("nan")
+        if finite:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip))
+            finite = math.isfinite(norm)
+        if finite:
+            self.opt.step()
+        else:
+            self.skipped += 1
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.step += 1
+        return StepResult(total, norm, finite)
+
+    @torch.no_grad()
+    def evaluate(self, windows: Sequence[Window] | None = None) -> float:
+        """Mean window loss on ``windows`` (default: the fixed held-out windows); NaN if none."""
+        windows = self.val if windows is None else windows
+        if not windows:
+            return float("nan")
+        self.model.eval()
+        with self._autocast():
+            losses = [float(window_loss(self.model, self.tasks[w.task], w)) for w in windows]
+        self.model.train()
+        return float(np.mean(losses))
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def _ckpt_dir(self) -> Path:
+        return self.out / CKPT_DIR
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self._ckpt_dir().glob("step_*.pt"))
+
+    def save_checkpoint(self) -> Path:
+        d = self._ckpt_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.step, "skipped": self.skipped, "bad_windows": self.sampler.bad_windows,
+                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(), "rng": {"sampler": self.gen.get_state(),
+                                                               "torch": torch.get_rng_state()},
+                 "config": _jsonable(self.cfg.training_dict())}
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        path = d / f"step_{self.step:08d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        for old in self.checkpoints()[: -self.cfg.keep] if self.cfg.keep > 0 else []:
+            old.unlink()
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("config") != _jsonable(self.cfg.training_dict()):
+            diff = {k: (state["config"].get(k), v) for k, v in _jsonable(self.cfg.training_dict()).items()
+                    if state["config"].get(k) != v}
+            raise MetaTrainError(f"{path} was written by a run with other settings {diff} (checkpoint, now); rerun "
+                                 "with the same arguments to resume, or use another --out")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["rng"]["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        self.sampler.bad_windows = int(state["bad_windows"])
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        with open(self.out / LOG_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _trim_log(self) -> None:
+        """Drop log lines after the resumed step (they were written after the checkpoint)."""
+        path = self.out / LOG_FILE
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def _write_config(self, resume: bool) -> None:
+        path = self.out / CONFIG_FILE
+        record = {"config": _jsonable(self.cfg.to_dict()), "tasks": self.task_info or [t.name for t in self.tasks],
+                  "device": str(self.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+        if not resume:
+            path.write_text(json.dumps(record, indent=2, sort_keys=True))
+
+    def run(self, until: int | None = None, resume: bool | None = None) -> dict:
+        """Train to ``config.steps`` (or stop after step ``until``, for tests); return a summary.
+
+        ``resume`` None: continue from the newest checkpoint if there is one; True: there must be
+        one; False: there must be none.
+        """
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpts = self.checkpoints()
+        if resume is True and not ckpts:
+            raise MetaTrainError(f"--resume: no checkpoint in {self._ckpt_dir()}; run without --resume to start")
+        if resume is False and ckpts:
+            raise MetaTrainError(f"{self.out} already holds checkpoints of a run; resume it (same arguments) or "
+                                 "choose another --out")
+        if ckpts:
+            self.load_checkpoint(ckpts[-1])
+            self._trim_log()
+        elif (self.out / LOG_FILE).exists():
+            (self.out / LOG_FILE).unlink()
+        self._write_config(resume=bool(ckpts))
+        cfg = self.cfg
+        stop = cfg.steps if until is None else min(until, cfg.steps)
+        bar = _progress(total=cfg.steps, initial=self.step, enabled=self.progress)
+        if self.step == 0 and self.val:
+            self._log({"step": 0, "val_loss": self.evaluate()})
+        val_loss = float("nan")
+        while self.step < stop:
+            t0 = time.perf_counter()
+            lr = self.opt.param_groups[0]["lr"]
+            windows = self.sampler.batch(cfg.batch)
+            res = self.train_step(windows)
+            self._log({"step": self.step, "loss": res.loss if res.ok else None, "lr": lr,
+                       "grad_norm": res.grad_norm if res.ok else None, "skipped": not res.ok,
+                       "sec": round(time.perf_counter() - t0, 4)})
+            if self.val and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+                val_loss = self.evaluate()
+                self._log({"step": self.step, "val_loss": val_loss})
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.loss:.4f}", val=f"{val_loss:.4f}", skipped=self.skipped)
+        bar.close()
+        summary = self.summary()
+        if self.step >= cfg.steps:
+            summary["nowcaster"] = str(save_nowcaster(self.model.cpu().eval(), self.out / NOWCASTER_DIR).parent)
+            self.model.to(self.device).train()
+            (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+        try:
+            plot_log(self.out / LOG_FILE, self.out / PLOT_FILE)
+        except ImportError:  # matplotlib is optional at run time
+            pass
+        return summary
+
+    def summary(self) -> dict:
+        records = read_log(self.out / LOG_FILE)
+        train = [r["loss"] for r in records if r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        tail = train[-min(len(train), 100):] if train else []
+        return {"step": self.step, "steps": self.cfg.steps, "skipped_steps": self.skipped,
+                "bad_windows": self.sampler.bad_windows,
+                "train_loss": float(np.mean(tail)) if tail else float("nan"),
+                "val_loss": val[-1][1] if val else float("nan"), "val_step": val[-1][0] if val else None,
+                "weights": sum(p.numel() for p in self.model.parameters())}
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d))
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kw) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="meta-train", unit="step", dynamic_ncols=True)
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The JSON-lines log: training lines (``loss``, ``lr``, ...) and validation lines (``val_loss``)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_log(log: str | Path, png: str | Path) -> Path:
+    """Training loss (raw and a 50-step moving mean) and validation loss against steps, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log)
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and r["val_loss"] is not None
+           and math.isfinite(r["val_loss"])]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        s, v = np.array(train).T
+        ax.plot(s, v, color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
+        w = min(50, len(v))
+        ax.plot(s[w - 1:], np.convolve(v, np.ones(w) / w, mode="valid"), color="tab:blue", label=f"train ({w}-step mean)")
+    if val:
+        s, v = np.array(val).T
+        ax.plot(s, v, "o-", color="tab:orange", label="validation (held-out runs)")
+    ax.set_xlabel("meta-training step")
+    ax.set_ylabel("masked L1 (scaled space)")
+    if train or val:
+        ax.set_yscale("log")
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+# ---- command line ------------------------------------------------------------------------------------
+def compile_task(name: str, lpe: int = 8):
+    """(graph, ir) of a registered task's model (``nowcast.tasks``), compiled with the nino profile."""
+    import neugraph
+
+    from . import tasks as registry
+
+    task = registry.get_task(name)
+    model = registry.build_model(task, seed=0)
+    ir = neugraph.trace(model, registry.example_inputs(task))
+    graph = neugraph.compile(ir, profile="nino", lpe=lpe)
+    names = [n for n, _ in model.named_parameters()]
+    if graph.param_names != names:
+        raise MetaTrainError(f"task {name}: graph.param_names differ from named_parameters(); the compiler and the "
+                             "collector would disagree on the flat order")
+    return graph, ir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = MetaTrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m nowcast.metatrain",
+        description="Meta-train the NiNo GNN on collected trajectories (docs/metatrain.md). Reruns with the same "
+                    "--out resume from the newest checkpoint.")
+    p.add_argument("--data", required=True, help="trajectory root: one <task>/ store (states.f16, meta.json) per task")
+    p.add_argument("--tasks", required=True, help="comma-separated task names (nowcast.tasks), e.g. fm16,austen-3-24")
+    p.add_argument("--out", default="runs/metatrain", help="output directory (checkpoints, log, plot, nowcaster)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"windows per step (default {d.batch})")
+    p.add_argument("--per-run", type=int, default=d.per_run,
+                   help=f"consecutive windows taken from each sampled run (default {d.per_run})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak AdamW learning rate (default {d.lr})")
+    p.add_argument("--min-lr", type=float, default=d.min_lr, help=f"final cosine learning rate (default {d.min_lr})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warm-up steps (default {d.warmup})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay ({d.weight_decay})")
+    p.add_argument("--clip", type=float, default=d.clip, help=f"gradient-norm clip (default {d.clip})")
+    p.add_argument("--period", type=int, default=d.period,
+                   help=f"steps covered by a window: states every period/ctx steps (default {d.period})")
+    p.add_argument("--no-lpe-flip", action="store_true", help="do not flip LPE signs at random (on by default)")
+    p.add_argument("--permute", action="store_true",
+                   help="augment each window with a random neuron permutation of its model (off by default)")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (never used on CPU)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"last fraction of each task's runs held out (default {d.val_fraction})")
+    p.add_argument("--val-windows", type=int, default=d.val_windows, help=f"held-out windows (default {d.val_windows})")
+    p.add_argument("--val-every", type=int, default=d.val_every, help=f"validate every N steps ({d.val_every})")
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help=f"checkpoint every N steps ({d.ckpt_every})")
+    p.add_argument("--keep", type=int, default=d.keep, help=f"checkpoints kept (default {d.keep})")
+    p.add_argument("--hidden", type=int, default=128, help="GNN hidden size (default 128, the published model)")
+    p.add_argument("--layers", type=int, default=3, help="message-passing layers (default 3)")
+    p.add_argument("--head", default="mlp", choices=("mlp", "gru", "lstm"), help="DMS head (default mlp)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the model init and the window stream")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint in --out to continue from")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    model_cfg: dict = {}
+    if args.hidden != 128:
+        model_cfg["hidden"] = args.hidden
+    if args.layers != 3:
+        model_cfg["layers"] = args.layers
+    if args.head != "mlp":
+        model_cfg["head"] = args.head
+    cfg = MetaTrainConfig(steps=args.steps, batch=args.batch, per_run=args.per_run, lr=args.lr, min_lr=args.min_lr,
+                          warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, period=args.period,
+                          lpe_flip=not args.no_lpe_flip, permute=args.permute, amp=not args.no_amp, seed=args.seed,
+                          val_fraction=args.val_fraction, val_windows=args.val_windows, val_every=args.val_every,
+                          ckpt_every=args.ckpt_every, keep=args.keep, model=model_cfg)
+    probe = NiNoGNN(**model_cfg)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks, info = [], []
+    for name in names:
+        graph, ir = compile_task(name, lpe=probe.lpe)
+        td = load_task(name, Path(args.data) / name, graph, period=cfg.period, ctx=probe.ctx,
+                       horizon=probe.max_horizon, val_fraction=cfg.val_fraction, ir=ir)
+        tasks.append(td)
+        info.append({"task": name, "runs": int(td.states.shape[0]), "train_runs": len(td.train_runs),
+                     "val_runs": len(td.val_runs), "save_every": td.save_every, "stride_saves": td.stride,
+                     "num_params": td.num_params, "edges": td.graph.num_edges})
+    trainer = MetaTrainer(tasks, cfg, args.out, device=args.device, progress=not args.no_progress, task_info=info)
+    summary = trainer.run(resume=True if args.resume else None)
+    print(f"step {summary['step']}/{summary['steps']}: train loss {summary['train_loss']:.5f} (mean of the last "
+          f"100 steps), val loss {summary['val_loss']:.5f} (step {summary['val_step']}), "
+          f"{summary['skipped_steps']} skipped steps, {summary['bad_windows']} dropped windows")
+    if "nowcaster" in summary:
+        print(f"nowcaster saved to {summary['nowcaster']} (load with nowcast.load); log {Path(args.out) / LOG_FILE}, "
+              f"plot {Path(args.out) / PLOT_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Meta-trainer: windows and targets, the loss on the inference path, NaN safety, exact resume,
+deterministic checkpoints, save/load, the command line.
+
+The store is real: a tiny MLP trained with torch.optim.AdamW on a fixed regression problem, its
+parameters saved every SAVE_EVERY steps into the collector's format (states.f16 + meta.json).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import neugraph
+import nowcast
+from nowcast import metatrain as mt
+from nowcast.scaling import scale, unscale
+
+SAVE_EVERY = 2
+STEPS = 60  # -> 31 saves (save 0 = the initial parameters)
+RUNS = 4
+PERIOD = 20  # ctx 5 -> one state every 4 steps = every 2 saves
+STRIDE = 2
+TINY = dict(hidden=16, layers=2, horizon=8)  # K = 8
+
+
+def tiny_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def write_store(root: Path, name: str = "tiny", done_last: int = 20) -> Path:
+    """Train RUNS tiny models with AdamW and write their trajectories in the store format.
+
+    The last run is cut short (``done_last`` saves), as a run still being collected would be.
+    """
+    path = root / name
+    path.mkdir(parents=True)
+    n_saves = STEPS // SAVE_EVERY + 1
+    names = [n for n, _ in tiny_model(0).named_parameters()]
+    P = sum(p.numel() for p in tiny_model(0).parameters())
+    mm = np.memmap(path / "states.f16", dtype=np.float16, mode="w+", shape=(RUNS, n_saves, P))
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(64, 4, generator=g)
+    y = torch.randn(64, 3, generator=g)
+    done = []
+    for r in range(RUNS):
+        model = tiny_model(r)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()  # noqa: E731
+        mm[r, 0] = flat()
+        n = n_saves if r < RUNS - 1 else done_last
+        for step in range(1, STEPS + 1):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+            if step % SAVE_EVERY == 0 and step // SAVE_EVERY < n:
+                mm[r, step // SAVE_EVERY] = flat()
+        done.append(n)
+    mm.flush()
+    np.save(path / "losses.npy", np.full((RUNS, n_saves), np.nan, dtype=np.float32))
+    meta = {"format": "nowcast-trajectories/1", "task": name, "num_params": P, "param_names": names,
+            "save_every": SAVE_EVERY, "steps": STEPS, "n_saves": n_saves, "runs": RUNS, "done": done,
+            "states": {"file": "states.f16", "dtype": "float16", "shape": [RUNS, n_saves, P]},
+            "losses": {"file": "losses.npy"}}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny graphs: one thread is ~20x faster than two on a shared, busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def graph_ir():
+    model = tiny_model(0)
+    ir = neugraph.trace(model, torch.zeros(1, 4))
+    return neugraph.compile(ir, profile="nino", lpe=8), ir
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_store(tmp_path_factory.mktemp("traj"))
+
+
+@pytest.fixture()
+def task(store, graph_ir):
+    graph, ir = graph_ir
+    return mt.load_task("tiny", store, graph, period=PERIOD, ctx=5, horizon=TINY["horizon"], ir=ir)
+
+
+def config(**kw) -> mt.MetaTrainConfig:
+    base = dict(steps=12, batch=4, per_run=2, lr=3e-3, ckpt_every=4, val_every=6, val_windows=4, model=TINY)
+    base.update(kw)
+    return mt.MetaTrainConfig(**base)
+
+
+# ---- windows ------------------------------------------------------------------------------------
+def test_store_geometry(task):
+    assert task.stride == STRIDE
+    assert list(task.done) == [31, 31, 31, 20]
+    assert list(task.val_runs) == [3] and list(task.train_runs) == [0, 1, 2]  # last 10% of 4 runs -> 1
+    assert mt.window_stride(1000, 5, 10) == 20
+    with pytest.raises(mt.MetaTrainError, match="multiple of 150"):  # 200 steps is not a whole number of saves
+        mt.window_stride(1000, 5, 30)
+    with pytest.raises(mt.MetaTrainError, match="multiple of 20"):
+        mt.window_stride(30, 5, 4)
+
+
+def test_windows_targets_masks_by_hand(task):
+    mm = np.memmap(Path(task.states.filename), dtype=np.float16, mode="r", shape=task.states.shape)
+    # run 0 (31 saves): newest save 22 -> window saves 14,16,18,20,22; targets 24,26,28,30 valid, 32.. masked
+    (win, tgt, mask), (win2, tgt2, mask2) = mt.read_windows(task, 0, [22, 24])
+    assert torch.equal(win, torch.tensor(mm[0, [14, 16, 18, 20, 22]].astype(np.float32)).t())
+    assert mask.tolist() == [True] * 4 + [False] * 4
+    assert torch.equal(tgt[:, :4], torch.tensor(mm[0, [24, 26, 28, 30]].astype(np.float32)).t())
+    assert torch.equal(tgt[:, 4:], win[:, -1:].expand(-1, 4))  # masked targets are finite placeholders
+    assert torch.equal(win2, torch.tensor(mm[0, [16, 18, 20, 22, 24]].astype(np.float32)).t())
+    assert mask2.tolist() == [True] * 3 + [False] * 5
+    # the cut-short run 3 (20 saves, 0..19): newest 8 -> targets 10..18 valid (k=1..5), 20.. masked
+    (win, tgt, mask), = mt.read_windows(task, 3, [8])
+    assert torch.equal(win, torch.tensor(mm[3, [0, 2, 4, 6, 8]].astype(np.float32)).t())
+    assert mask.tolist() == [True] * 5 + [False] * 3
+    assert torch.equal(tgt[:, :5], torch.tensor(mm[3, [10, 12, 14, 16, 18]].astype(np.float32)).t())
+    assert mt.window_saves(22, 2, 5).tolist() == [14, 16, 18, 20, 22]
+    assert mt.target_saves(22, 2, 3).tolist() == [24, 26, 28]
+
+
+def test_sampler_stays_inside_the_trajectories(task):
+    s = mt.WindowSampler([task], torch.Generator().manual_seed(0), per_run=3, lpe=8)
+    seen = set()
+    for _ in range(60):
+        for w in s.draw():
+            assert w.run in (0, 1, 2)
+            lo, hi = task.newest_range(w.run)
+            assert lo <= w.newest <= hi
+            assert w.mask[0] and w.mask.sum() == min(8, (task.done[w.run] - 1 - w.newest) // STRIDE)
+            assert set(w.lpe_sign.tolist()) <= {-1.0, 1.0}
+            seen.add(w.newest)
+    assert min(seen) == 8 and max(seen) == 28  # both ends of the valid range are reached
+    # same generator seed, same windows
+    a = mt.WindowSampler([task], torch.Generator().manual_seed(5)).batch(6)
+    b = mt.WindowSampler([task], torch.Generator().manual_seed(5)).batch(6)
+    assert all(torch.equal(x.states, y.states) and x.newest == y.newest for x, y in zip(a, b))
+
+
+def test_permutation_augmentation_is_a_symmetry(task, graph_ir):
+    _, ir = graph_ir
+    idx = mt.flat_permutation(task, torch.Generator().manual_seed(3))
+    assert sorted(idx.tolist()) == list(range(task.num_params)) and not torch.equal(idx, torch.arange(len(idx)))
+    model = tiny_model(0)
+    flat = task.graph.flat_params(model)
+    permuted = tiny_model(1)
+    torch.nn.utils.vector_to_parameters(flat[idx], permuted.parameters())
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(model(x), permuted(x))  # the permuted state is the same function
+
+
+# ---- the loss -----------------------------------------------------------------------------------
+def test_all_horizons_match_the_inference_path(task):
+    torch.manual_seed(0)
+    model = nowcast.NiNoGNN(**TINY).eval()
+    (win, tgt, mask), = mt.read_windows(task, 1, [12])
+    scaled, sc = scale(win, task.graph, model.scaling)
+    with torch.no_grad():
+        allk = mt.predict_scaled_all(model, task.graph, scaled)
+    for k in range(1, 9):
+        ref = model.predict(task.graph, win, k)
+        torch.testing.assert_close(unscale(allk[:, k - 1], sc, exact=model.exact_unscale), ref, rtol=0, atol=1e-6)
+    # the loss by hand: mean |pred - target| in scaled space over valid horizons
+    w = mt.Window(0, 1, 12, win, tgt, mask)
+    shift, div = sc.rows()
+    want = (allk - (tgt - shift) / div).abs()[:, mask].mean()
+    with torch.no_grad():
+        torch.testing.assert_close(mt.window_loss(model, task, w), want)
+
+
+def test_lpe_sign_flip_leaves_the_graph_alone(task):
+    g = task.graph
+    before = g.node_features.clone()
+    sign = torch.tensor([-1.0, 1, -1, 1, 1, 1, 1, -1])
+    flipped = mt._signed_graph(g, sign)
+    assert torch.equal(g.node_features, before)
+    assert torch.equal(flipped.node_features, before * sign)
+    assert flipped.edge_index is g.edge_index
+
+
+def test_overfit_one_window(task, tmp_path):
+    trainer = mt.MetaTrainer([task], config(steps=200, lr=1e-2, min_lr=1e-2, clip=100.0), tmp_path, device="cpu",
+                             progress=False)
+    (win, tgt, mask), = mt.read_windows(task, 0, [16])
+    w = mt.Window(0, 0, 16, win, tgt, mask)
+    with torch.no_grad():
+        first = float(mt.window_loss(trainer.model, task, w))
+    for _ in range(200):
+        res = trainer.train_step([w])
+        assert res.ok
+    with torch.no_grad():
+        last = float(mt.window_loss(trainer.model, task, w))
+    print(f"overfit: {first:.4f} -> {last:.4f}")
+    assert last < 0.15 * first, (first, last)
+
+
+def test_nan_window_does_not_touch_the_weights(task, tmp_path):
+    trainer = mt.MetaTrainer([task], config(), tmp_path, device="cpu", progress=False)
+    good = trainer.sampler.batch(3)
+    trainer.train_step(good)  # the optimizer has moments now
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = {k: v.clone() for k, v in trainer.opt.state_dict()["state"][0].items()}
+    bad = mt.Window(good[0].task, 0, 16, good[0].states.clone(), good[0].targets, good[0].mask)
+    bad.states[5, 2] = float("nan")
+    res = trainer.train_step(good[1:] + [bad])
+    assert not res.ok and trainer.skipped == 1 and trainer.step == 2
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(v, moments[k]) for k, v in trainer.opt.state_dict()["state"][0].items())
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert trainer.train_step(good).ok  # training goes on
+
+
+def test_sampler_drops_non_finite_windows(store, graph_ir, tmp_path):
+    bad_root = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(store, bad_root / "tiny")
+    mm = np.memmap(bad_root / "tiny" / "states.f16", dtype=np.float16, mode="r+")
+    meta = json.loads((bad_root / "tiny" / "meta.json").read_text())
+    mm = mm.reshape(meta["runs"], meta["n_saves"], meta["num_params"])
+    mm[0, 10:, 3] = np.inf  # run 0 diverged after save 9
+    mm.flush()
+    graph, ir = graph_ir
+    t = mt.load_task("tiny", bad_root / "tiny", graph, period=PERIOD, horizon=8)
+    s = mt.WindowSampler([t], torch.Generator().manual_seed(0), per_run=2)
+    for _ in range(40):
+        for w in s.draw():
+            assert torch.isfinite(w.states).all() and torch.isfinite(w.targets).all()
+            if w.run == 0:
+                assert w.newest <= 9 and not w.mask[(10 - w.newest + 1) // 2:].any()
+    assert s.bad_windows > 0
+
+
+# ---- the loop: checkpoints, resume, determinism, the saved nowcaster ----------------------------
+def test_resume_and_determinism_give_identical_checkpoints(task, tmp_path):
+    cfg = config()
+    a = mt.MetaTrainer([task], cfg, tmp_path / "a", device="cpu", progress=False).run()
+    assert a["step"] == 12 and a["skipped_steps"] == 0 and np.isfinite(a["val_loss"])
+    mt.MetaTrainer([task], cfg, tmp_path / "b", device="cpu", progress=False).run()
+    # interrupted after step 6 (checkpoint at 4), rerun in the same directory
+    part = mt.MetaTrainer([task], cfg, tmp_path / "c", device="cpu", progress=False).run(until=6)
+    assert part["step"] == 6 and not (tmp_path / "c" / "nowcaster").exists()
+    mt.MetaTrainer([task], cfg, tmp_path / "c", device="cpu", progress=False).run()
+    files = [tmp_path / d / "nowcaster" / "nowcaster.safetensors" for d in "abc"]
+    assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
+    loss = lambda d: [(r["step"], r.get("loss"), r.get("val_loss")) for r in mt.read_log(tmp_path / d / "log.jsonl")]  # noqa: E731
+    assert loss("a") == loss("c") and [s for s, _, v in loss("a") if v is None] == list(range(1, 13))
+    assert len(list((tmp_path / "a" / "checkpoints").glob("*.pt"))) == 2  # keep=2
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
+    # the same directory with other settings is refused, naming the fix
+    with pytest.raises(mt.MetaTrainError, match="same arguments"):
+        mt.MetaTrainer([task], config(lr=1e-3), tmp_path / "a", device="cpu", progress=False).run()
+
+
+def test_saved_nowcaster_predicts_identically(task, tmp_path):
+    trainer = mt.MetaTrainer([task], config(steps=4), tmp_path, device="cpu", progress=False)
+    summary = trainer.run()
+    loaded = nowcast.load(summary["nowcaster"])
+    assert isinstance(loaded, nowcast.NiNoGNN) and loaded.config == trainer.model.config
+    (win, _, _), = mt.read_windows(task, 2, [20])
+    for k in (1, 3, 8):
+        assert torch.equal(loaded.predict(task.graph, win, k), trainer.model.eval().predict(task.graph, win, k))
+    assert (tmp_path / "nowcaster" / "nowcaster.safetensors").stat().st_size < 10 * 2**20
+
+
+def test_default_model_fits_the_size_limit():
+    weights = sum(p.numel() for p in nowcast.NiNoGNN().parameters())
+    assert 4 * weights < 10 * 2**20  # float32 safetensors of the default architecture
+
+
+# ---- command line -------------------------------------------------------------------------------
+def test_cli(store, graph_ir, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        mt.main(["--help"])
+    assert "--resume" in capsys.readouterr().out
+    monkeypatch.setattr(mt, "compile_task", lambda name, lpe=8: graph_ir)
+    common = ["--data", str(store.parent), "--tasks", "tiny", "--steps", "3", "--batch", "2", "--period",
+              str(PERIOD), "--hidden", "16", "--layers", "2", "--no-progress", "--val-windows", "2"]
+    args = common + ["--out", str(tmp_path / "run")]
+    assert mt.main(args) == 0
+    out = capsys.readouterr().out
+    assert "train loss" in out and "val loss" in out and "nowcaster saved to" in out
+    assert nowcast.load(tmp_path / "run" / "nowcaster").config["hidden"] == 16
+    with pytest.raises(mt.MetaTrainError, match="no checkpoint"):
+        mt.main(common + ["--out", str(tmp_path / "other"), "--resume"])
