@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["Task", "TaskData", "TASKS", "get_task", "build_model", "example_inputs", "load_task_data",
-           "batches", "loss_fn", "evaluate", "num_params", "LM_CONTEXT", "LM_VAL_WINDOWS"]
+           "batches", "loss_fn", "evaluate", "num_params", "UnknownTaskError", "LM_CONTEXT", "LM_VAL_WINDOWS"]
 
 LM_CONTEXT = 128        # tokens per window (the paper: 1024; shortened for a 2-core CPU)
 LM_VAL_WINDOWS = 256    # fixed held-out windows per language task (LM_VAL_WINDOWS * LM_CONTEXT tokens)
@@ -128,6 +128,13 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 
+class UnknownTaskError(KeyError):
+    """No task of that name; the message lists the registered ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def get_task(name: Union[str, Task]) -> Task:
     """The registered task called ``name`` (a :class:`Task` is returned as is)."""
     if isinstance(name, Task):
@@ -135,7 +142,7 @@ def get_task(name: Union[str, Task]) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
+        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
                        "(`nowcast tasks` lists them with their settings)") from None
 
 

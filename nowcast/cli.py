@@ -1,0 +1,330 @@
+"""``nowcast`` command line: ``demo`` (AdamW vs AdamW + a nowcaster), ``train`` (one run), ``tasks``.
+
+``nowcast demo`` trains a task (FM/16 by default) twice from the same seed and batch stream, with
+AdamW and with AdamW wrapped in NiNo and a nowcaster, prints steps to target and the reduction,
+and writes a plot and the two runs' JSON to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["main", "resolve_nowcaster", "NowcasterSpecError", "SHIPPED_CHECKPOINT", "PUBLISHED_ENV"]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_CHECKPOINT = PACKAGE_DIR / "checkpoints" / "nino_ours.safetensors"
+PUBLISHED_ENV = "NOWCAST_PUBLISHED"
+PUBLISHED_RELATIVE = Path("..") / "shared" / "reference" / "checkpoints" / "nino_no_posw.pt"
+# when the default task's data is missing, the demo uses the first of these whose data is present
+DEMO_FALLBACKS = ("fm16", "mnist16", "austen-3-24", "bible-3-24", "pydocs-3-24")
+
+
+class NowcasterSpecError(ValueError):
+    """``--nowcaster`` names nothing that can be loaded; the message says what to pass instead."""
+
+
+def _published_candidates() -> list[Path]:
+    env = os.environ.get(PUBLISHED_ENV)
+    if env:
+        return [Path(env)]
+    repo = PACKAGE_DIR.parent
+    return [repo / PUBLISHED_RELATIVE, Path.cwd() / PUBLISHED_RELATIVE]
+
+
+def resolve_nowcaster(spec: str) -> Any:
+    """Turn a ``--nowcaster`` value into a nowcaster.
+
+    - ``default``: the checkpoint shipped in the package (``nowcast/checkpoints/nino_ours.safetensors``).
+    - ``published``: the authors' ``nino_no_posw.pt``, from ``$NOWCAST_PUBLISHED`` or
+      ``../shared/reference/checkpoints/nino_no_posw.pt`` beside the repository (or the working
+      directory).
+    - ``linefit`` / ``linefit+``: the untrained baselines.
+    - anything else: a path to a checkpoint ``nowcast.load`` reads.
+    """
+    import nowcast
+
+    key = spec.strip().lower()
+    if key == "default":
+        if not SHIPPED_CHECKPOINT.is_file():
+            raise NowcasterSpecError(
+                f"no shipped checkpoint is installed ({SHIPPED_CHECKPOINT} does not exist); pass "
+                "--nowcaster published (the authors' nino_no_posw.pt), linefit, or a checkpoint path")
+        return nowcast.load(SHIPPED_CHECKPOINT)
+    if key == "published":
+        for path in _published_candidates():
+            if path.is_file():
+                return nowcast.load(path)
+        looked = ", ".join(str(p) for p in _published_candidates())
+        raise NowcasterSpecError(f"the published checkpoint nino_no_posw.pt was not found (looked in: {looked}); "
+                                 f"set {PUBLISHED_ENV}=/path/to/nino_no_posw.pt or pass the path to --nowcaster")
+    if key == "linefit":
+        return nowcast.Linefit()
+    if key in ("linefit+", "linefitplus", "linefit-plus"):
+        return nowcast.LinefitPlus()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise NowcasterSpecError(f"--nowcaster {spec!r}: no such file; pass default, published, linefit, "
+                                 "linefit+ or the path of a checkpoint")
+    try:
+        return nowcast.load(path)
+    except (nowcast.CheckpointError, OSError) as e:
+        raise NowcasterSpecError(f"--nowcaster {spec!r}: {e}") from e
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def _period(args: argparse.Namespace) -> Any:
+    if getattr(args, "dynamic_period", False):
+        from .schedule import DynamicPeriod
+
+        return DynamicPeriod()
+    return args.period
+
+
+def _fmt_score(task: Any, v: Optional[float]) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}%" if task.metric == "accuracy" else f"{v:.3f}"
+
+
+def _reduction(base: Optional[int], other: Optional[int]) -> Optional[float]:
+    if base is None or other is None or base <= 0:
+        return None
+    return 100.0 * (1.0 - other / base)
+
+
+def _load_demo_data(args: argparse.Namespace, explicit_task: bool) -> tuple[Any, Any, Optional[str]]:
+    """(task, data, note): the requested task, or, when its data is missing and the task was not
+    given explicitly, the first fallback task whose data is present."""
+    from .data import DataMissingError
+    from .tasks import get_task, load_task_data
+
+    first = get_task(args.task)
+    try:
+        return first, load_task_data(first, root=args.data_dir), None
+    except DataMissingError as e:
+        if explicit_task:
+            raise
+        first_error = e
+    for name in DEMO_FALLBACKS:
+        if name == first.name:
+            continue
+        try:
+            task = get_task(name)
+            data = load_task_data(task, root=args.data_dir)
+        except DataMissingError:
+            continue
+        return task, data, (f"{first.dataset} data is missing, so the demo runs {task.name} ({task.dataset}), "
+                            f"the smallest task whose data is present. Fetch all data with "
+                            f"`bash scripts/fetch_data.sh`.")
+    raise first_error
+
+
+def _plot(task: Any, runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for r in runs:
+        ax.plot(r["eval_steps"], r["scores"], label=r["method"], lw=1.4)
+        if r["steps_to_target"] is not None:
+            ax.axvline(r["steps_to_target"], ls=":", lw=1, color=ax.lines[-1].get_color())
+    ax.axhline(task.target, color="grey", ls="--", lw=1, label=f"target {task.target:g}")
+    ax.set_xlabel("training step")
+    if task.metric == "accuracy":
+        ax.set_ylabel("validation accuracy (%)")
+        lo = min(min(r["scores"][1:] or r["scores"]) for r in runs)
+        ax.set_ylim(max(lo, task.target - 15), 100)
+    else:
+        ax.set_ylabel("validation perplexity")
+        ax.set_yscale("log")
+    ax.set_title(f"{task.name}: seed {runs[0]['seed']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---- subcommands -----------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace, explicit_task: bool) -> int:
+    from .tasks import get_task
+    from .train import run_training
+
+    get_task(args.task)  # unknown task names fail first
+    nowcaster = resolve_nowcaster(args.nowcaster)  # fail fast, before any training
+    task, data, note = _load_demo_data(args, explicit_task)
+    if note:
+        print(f"nowcast demo: {note}", file=sys.stderr)
+    steps = args.steps or task.steps
+    eval_every = args.eval_every or min(task.eval_every, max(1, steps // 20))
+    common = dict(steps=steps, eval_every=eval_every, data=data, progress=not args.no_progress)
+    base = run_training(task, args.seed, method="adamw", **common)
+    label = f"adamw+{args.nowcaster if args.nowcaster in ('default', 'published', 'linefit', 'linefit+') else type(nowcaster).__name__}"
+    nino = run_training(task, args.seed, method=label, nowcaster=nowcaster, period=_period(args), ctx=args.ctx,
+                        **common)
+    red = _reduction(base["steps_to_target"], nino["steps_to_target"])
+    summary = {"task": task.name, "seed": args.seed, "steps": steps, "target": task.target, "metric": task.metric,
+               "target_note": task.target_note, "nowcaster": args.nowcaster, "fallback_note": note,
+               "reduction_pct": red, "runs": [base, nino]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{task.name}_seed{args.seed}.json"
+    png_path = out / f"{task.name}_seed{args.seed}.png"
+    json_path.write_text(json.dumps(summary, indent=1))
+    _plot(task, [base, nino], png_path)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "runs"} |
+                         {"runs": [{k: r[k] for k in ("method", "steps_to_target", "final_score", "wall_time_s",
+                                                      "nowcasts", "nowcasts_rejected")} for r in (base, nino)],
+                          "json": str(json_path), "plot": str(png_path)}, indent=1))
+        return 0
+    print(f"\n{task.name} ({task.dataset}), seed {args.seed}, {steps} steps, target {task.metric} "
+          f"{'>=' if task.higher_is_better() else '<='} {task.target:g}")
+    rows = [("method", "steps to target", f"final {task.metric}", "wall time", "nowcasts")]
+    for r in (base, nino):
+        stt = str(r["steps_to_target"]) if r["steps_to_target"] is not None else f"not reached in {steps}"
+        rows.append((r["method"], stt, _fmt_score(task, r["final_score"]), f"{r['wall_time_s']:.1f} s",
+                     str(r["nowcasts"]) + (f" ({r['nowcasts_rejected']} rejected)" if r["nowcasts_rejected"] else "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for j, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    if red is not None:
+        print(f"reduction in steps to target: {red:.1f}%")
+    elif base["steps_to_target"] is None:
+        print(f"reduction: n/a (AdamW did not reach the target in {steps} steps; the full budget is "
+              f"{task.steps})")
+    else:
+        print("reduction: n/a (the nowcast run did not reach the target)")
+    print(f"plot: {png_path}\nruns: {json_path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .tasks import get_task
+    from .train import run_training
+
+    task = get_task(args.task)
+    if args.lr is not None:
+        task = dataclasses.replace(task, lr=args.lr)
+    nowcaster = resolve_nowcaster(args.nowcaster) if args.nowcaster else None
+    record = run_training(task, args.seed, method=args.method or "adamw",
+                          nowcaster=nowcaster, steps=args.steps, eval_every=args.eval_every,
+                          period=_period(args), ctx=args.ctx, progress=not args.no_progress, log=args.log)
+    text = json.dumps(record, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    if args.json or not args.out:
+        print(text)
+    else:
+        print(f"{task.name} seed {args.seed} {record['method']}: steps to target {record['steps_to_target']}, "
+              f"final {task.metric} {record['final_score']:.4g}, {record['wall_time_s']:.1f} s -> {args.out}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import TASKS, build_model, num_params
+
+    rows = []
+    for t in TASKS.values():
+        d = t.to_dict()
+        d["num_params"] = num_params(build_model(t, 0)) if args.params or args.json else None
+        rows.append(d)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    head = ("name", "kind", "dataset", "steps", "lr", "batch", "metric", "target", "params", "target from")
+    table = [head] + [(r["name"], r["kind"], r["dataset"], str(r["steps"]), f"{r['lr']:g}", str(r["batch_size"]),
+                       r["metric"], f"{r['target']:g}", "-" if r["num_params"] is None else f"{r['num_params']:,}",
+                       r["target_note"].split(":")[0]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for j, row in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    return 0
+
+
+# ---- argument parsing ------------------------------------------------------------------------------
+def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--period", type=int, default=1000, help="steps per nowcast cycle (multiple of --ctx; default 1000)")
+    p.add_argument("--dynamic-period", action="store_true",
+                   help="nowcast often early and rarely late (nowcast.schedule.DynamicPeriod defaults)")
+    p.add_argument("--ctx", type=int, default=5, help="parameter states per nowcast (default 5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nowcast", description="Accelerate training with neural nowcasting.")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,tasks}")
+
+    p = sub.add_parser("demo", help="AdamW vs AdamW + a nowcaster on one task: steps to target, plot",
+                       description="Train a task with AdamW and with AdamW + a nowcaster (same seed, same "
+                                   "batches), print steps to target and the reduction, save a plot and JSON.")
+    p.add_argument("--task", default=None, help="task name (default fm16; see `nowcast tasks`)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the task's budget)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: the task's)")
+    p.add_argument("--nowcaster", default="default",
+                   help="default (shipped checkpoint), published (nino_no_posw.pt), linefit, linefit+, or a path")
+    p.add_argument("--out", default="runs/demo", help="directory for the plot and JSON (default runs/demo)")
+    p.add_argument("--data-dir", default=None, help="data directory (default $NOWCAST_DATA or <repo>/data)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_nowcast_options(p)
+
+    p = sub.add_parser("train", help="one training run of a task; JSON record",
+                       description="Train one task with AdamW (optionally + a nowcaster) and write the run's "
+                                   "JSON record (scores at every evaluation, steps to target, wall time).")
+    p.add_argument("--task", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="override the task's AdamW learning rate (tuning)")
+    p.add_argument("--nowcaster", default=None, help="as for demo; omitted: AdamW alone")
+    p.add_argument("--method", default=None, help="label stored in the record")
+    p.add_argument("--out", default=None, help="write the JSON record here (default: print it)")
+    p.add_argument("--log", default=None, help="append one JSON line per evaluation to this file")
+    p.add_argument("--json", action="store_true", help="also print the record")
+    p.add_argument("--no-progress", action="store_true")
+    _add_nowcast_options(p)
+
+    p = sub.add_parser("tasks", help="list the task registry", description="List the registered tasks.")
+    p.add_argument("--json", action="store_true", help="JSON, with parameter counts")
+    p.add_argument("--params", action="store_true", help="also count parameters (builds each model)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .data import DataMissingError
+    from .tasks import UnknownTaskError
+
+    try:
+        if args.command == "demo":
+            explicit = args.task is not None
+            if args.task is None:
+                args.task = "fm16"
+            return cmd_demo(args, explicit)
+        if args.command == "train":
+            return cmd_train(args)
+        return cmd_tasks(args)
+    except (DataMissingError, NowcasterSpecError, UnknownTaskError) as e:
+        print(f"nowcast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
