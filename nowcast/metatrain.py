@@ -286,8 +286,8 @@ class WindowSampler:
         """Uniform integer in [lo, hi] from the sampler's generator."""
         return lo + int(torch.randint(hi - lo + 1, (1,), generator=self.gen))
 
-    def draw(self) -> list[Window]:
-        """One run's group of up to ``per_run`` windows."""
+    def locate(self) -> tuple[int, int, list[int], torch.Tensor | None, torch.Tensor | None]:
+        """Where the next group comes from: (task index, run, newest saves, LPE sign, flat permutation)."""
         choices = [i for i, r in enumerate(self._runs) if len(r)]
         ti = choices[self._randint(0, len(choices) - 1)]
         task = self.tasks[ti]
@@ -301,6 +301,12 @@ class WindowSampler:
         if self.lpe_flip and self.lpe:
             sign = torch.randint(2, (self.lpe,), generator=self.gen).float() * 2 - 1
         perm = flat_permutation(task, self.gen) if self.permute else None
+        return ti, run, newest, sign, perm
+
+    def draw(self) -> list[Window]:
+        """One run's group of up to ``per_run`` windows."""
+        ti, run, newest, sign, perm = self.locate()
+        task = self.tasks[ti]
         out = []
         for t, (win, tgt, mask) in zip(newest, read_windows(task, run, newest)):
             if not bool(torch.isfinite(win).all()) or not bool(mask.any()):
@@ -325,13 +331,33 @@ class WindowSampler:
         return out
 
 
-def fixed_windows(tasks: Sequence[TaskData], count: int, seed: int) -> list[Window]:
-    """A fixed set of ``count`` held-out windows (validation runs, no augmentation)."""
+@dataclass(frozen=True)
+class WindowSpec:
+    """Where a window is: task index, run, newest save (read with :func:`read_windows` when needed)."""
+
+    task: int
+    run: int
+    newest: int
+
+
+def fixed_windows(tasks: Sequence[TaskData], count: int, seed: int) -> list[WindowSpec]:
+    """``count`` fixed held-out window positions (validation runs, no augmentation).
+
+    Only positions are kept, so validation costs no memory between evaluations.
+    """
     if not any(len(t.val_runs) for t in tasks) or count <= 0:
         return []
     sampler = WindowSampler(tasks, torch.Generator().manual_seed(seed), per_run=1, lpe_flip=False,
                             split="val")
-    return sampler.batch(count)
+    return [WindowSpec(ti, run, newest[0]) for ti, run, newest, _, _ in (sampler.locate() for _ in range(count))]
+
+
+def read_window(tasks: Sequence[TaskData], spec: WindowSpec) -> Window | None:
+    """The window at ``spec``, or None when its states are not finite or it has no finite target."""
+    (win, tgt, mask), = read_windows(tasks[spec.task], spec.run, [spec.newest])
+    if not bool(torch.isfinite(win).all()) or not bool(mask.any()):
+        return None
+    return Window(spec.task, spec.run, spec.newest, win, tgt, mask)
 
 
 # ---- the loss ----------------------------------------------------------------------------------------
@@ -407,6 +433,19 @@ class MetaTrainConfig:
     # keys that change the weights the run produces (a resumed run must agree on them)
     TRAINING_KEYS = ("steps", "batch", "per_run", "lr", "min_lr", "warmup", "weight_decay", "clip", "period",
                      "lpe_flip", "permute", "amp", "seed", "val_fraction", "model")
+
+    def __post_init__(self):
+        for key in ("steps", "batch", "per_run", "val_every", "ckpt_every"):
+            if int(getattr(self, key)) < 1:
+                raise MetaTrainError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 < self.min_lr <= self.lr:
+            raise MetaTrainError(f"need 0 < min_lr ({self.min_lr}) <= lr ({self.lr})")
+        if not 0 <= self.warmup < self.steps:
+            raise MetaTrainError(f"warmup ({self.warmup}) must be in 0 .. steps - 1 ({self.steps - 1})")
+        if not self.clip > 0:
+            raise MetaTrainError(f"clip must be > 0, got {self.clip}")
+        if not 0 <= self.val_fraction < 1:
+            raise MetaTrainError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -510,16 +549,23 @@ class MetaTrainer:
         return StepResult(total, norm, finite)
 
     @torch.no_grad()
-    def evaluate(self, windows: Sequence[Window] | None = None) -> float:
-        """Mean window loss on ``windows`` (default: the fixed held-out windows); NaN if none."""
+    def evaluate(self, windows: Sequence[Window | WindowSpec] | None = None) -> float:
+        """Mean window loss on ``windows`` (default: the fixed held-out windows); NaN if none.
+
+        Held-out windows whose states are not finite are left out.
+        """
         windows = self.val if windows is None else windows
-        if not windows:
-            return float("nan")
         self.model.eval()
-        with self._autocast():
-            losses = [float(window_loss(self.model, self.tasks[w.task], w)) for w in windows]
+        losses = []
+        for w in windows:
+            if isinstance(w, WindowSpec):
+                w = read_window(self.tasks, w)
+                if w is None:
+                    continue
+            with self._autocast():
+                losses.append(float(window_loss(self.model, self.tasks[w.task], w)))
         self.model.train()
-        return float(np.mean(losses))
+        return float(np.mean(losses)) if losses else float("nan")
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _ckpt_dir(self) -> Path:
@@ -765,6 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="mlp", choices=("mlp", "gru", "lstm"), help="DMS head (default mlp)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the model init and the window stream")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint in --out to continue from")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -772,6 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_cfg: dict = {}
     if args.hidden != 128:
         model_cfg["hidden"] = args.hidden

@@ -162,6 +162,23 @@ def test_permutation_augmentation_is_a_symmetry(task, graph_ir):
     torch.nn.utils.vector_to_parameters(flat[idx], permuted.parameters())
     x = torch.randn(5, 4)
     torch.testing.assert_close(model(x), permuted(x))  # the permuted state is the same function
+    s = mt.WindowSampler([task], torch.Generator().manual_seed(0), per_run=2, permute=True)
+    group = s.draw()
+    (win, tgt, _), _ = mt.read_windows(task, group[0].run, [group[0].newest, group[0].newest + STRIDE])
+    assert not torch.equal(group[0].states, win)
+    assert torch.equal(group[0].states.sort(0).values, win.sort(0).values)  # the same values, moved
+    assert torch.equal(group[0].lpe_sign, group[1].lpe_sign)  # one flip per group
+
+
+def test_store_must_match_the_graph(store):
+    other = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2), nn.Linear(2, 1))
+    g = neugraph.compile(other, torch.zeros(1, 4), profile="nino")
+    with pytest.raises(mt.MetaTrainError, match="recollect"):
+        mt.load_task("tiny", store, g, period=PERIOD, horizon=8)
+    with pytest.raises(mt.MetaTrainError, match="holds task 'tiny'"):
+        mt.load_task("fm16", store, g, period=PERIOD, horizon=8)
+    with pytest.raises(mt.MetaTrainError, match="no trajectory store"):
+        mt.load_task("tiny", store.parent / "missing", g)
 
 
 # ---- the loss -----------------------------------------------------------------------------------
@@ -276,6 +293,16 @@ def test_saved_nowcaster_predicts_identically(task, tmp_path):
     for k in (1, 3, 8):
         assert torch.equal(loaded.predict(task.graph, win, k), trainer.model.eval().predict(task.graph, win, k))
     assert (tmp_path / "nowcaster" / "nowcaster.safetensors").stat().st_size < 10 * 2**20
+
+
+def test_config_errors_name_the_fix():
+    with pytest.raises(mt.MetaTrainError, match="val_every must be >= 1"):
+        mt.MetaTrainConfig(val_every=0)
+    with pytest.raises(mt.MetaTrainError, match="min_lr"):
+        mt.MetaTrainConfig(lr=1e-3, min_lr=1e-2)
+    s = mt.WarmupCosine(100, warmup=10, min_ratio=0.01)
+    assert s(0) == pytest.approx(0.1) and s(9) == 1.0 and s(10) == 1.0
+    assert s(55) == pytest.approx(0.505) and s(100) == pytest.approx(0.01)
 
 
 def test_default_model_fits_the_size_limit():
