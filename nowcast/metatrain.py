@@ -37,9 +37,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .checkpoint import save as save_nowcaster
 from .gnn import NiNoGNN
+from .heads import MLPHead
 from .scaling import scale
 
 STATES_FILE, META_FILE = "states.f16", "meta.json"
@@ -129,6 +131,7 @@ class TaskData:
     ir: Any = None
     trainable: torch.Tensor = field(default=None, repr=False)
     flat_ids: dict | None = field(default=None, repr=False)
+    param_map: "ParamMap | None" = field(default=None, repr=False)
 
     @property
     def num_params(self) -> int:
@@ -183,7 +186,7 @@ def load_task(name: str, store: str | Path, graph, *, period: int = 1000, ctx: i
     _ = graph.edge_index, graph.edge_type  # materialise once; shallow copies (LPE sign flips) share them
     return TaskData(name=name, graph=graph, states=states, done=done, save_every=int(meta["save_every"]),
                     stride=stride, ctx=ctx, horizon=horizon, train_runs=train, val_runs=val, ir=ir,
-                    trainable=graph.trainable_mask)
+                    trainable=graph.trainable_mask, param_map=ParamMap.of(graph))
 
 
 # ---- windows ---------------------------------------------------------------------------------------
@@ -373,15 +376,55 @@ def _signed_graph(graph, sign: torch.Tensor | None):
     return g
 
 
-def predict_scaled_all(model: NiNoGNN, graph, scaled: torch.Tensor) -> torch.Tensor:
+@dataclass
+class ParamMap:
+    """Where every parameter element sits in the head's output, from ``graph.to_params`` itself.
+
+    ``flat[p] = edge * max_feat + slot`` of element ``p``; ``groups`` lists, per feature slot, the
+    edges of the elements carried in that slot; concatenating the groups' elements and indexing
+    with ``inverse`` gives parameter order back.
+    """
+
+    flat: torch.Tensor
+    groups: list[tuple[int, torch.Tensor]]
+    inverse: torch.Tensor
+
+    @classmethod
+    def of(cls, graph) -> "ParamMap":
+        ep, mf = graph.num_param_edges, graph.max_feat
+        flat = graph.to_params(torch.arange(ep * mf).view(ep, mf))  # the exact inverse map, as indices
+        edge, slot = flat // mf, flat % mf
+        rows = [torch.nonzero(slot == sl).flatten() for sl in torch.unique(slot)]
+        groups = [(int(slot[r[0]]), edge[r]) for r in rows]
+        order = torch.cat(rows)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return cls(flat, groups, inverse)
+
+
+def predict_scaled_all(model: NiNoGNN, graph, scaled: torch.Tensor, pmap: ParamMap | None = None) -> torch.Tensor:
     """(P, K) predicted scaled states at every horizon: ``scaled[:, -1] + delta_k``, differentiable.
 
-    The same network as :meth:`NiNoGNN.predict` (``edge_states`` and the head), with all horizons
-    from one pass (``head.all``) mapped back by ``graph.to_params``.
+    The same network as :meth:`NiNoGNN.predict` (``edge_states`` and the head) with all horizons
+    at once. Gradients flow through one gather instead of ``graph.to_params``'s per-block slices
+    (whose backward fills a full-size zero tensor per block). For the MLP head the last layer is
+    evaluated only for the (edge, slot) pairs that carry a parameter: the same rows
+    ``slot * K + (k - 1)`` that ``MLPHead.forward`` uses, for all ``k``.
     """
+    pmap = pmap or ParamMap.of(graph)
+    dev = scaled.device
     e = model.edge_states(graph, scaled)[: graph.num_param_edges]
-    out = model.head.all(e)[:, : graph.max_feat]  # (E_param, slots, K)
-    return scaled[:, -1:] + graph.to_params(out).float()
+    head = model.head
+    if isinstance(head, MLPHead):
+        h = head.mlp[1](head.mlp[0](e))
+        last, K = head.mlp[2], head.horizon
+        parts = [F.linear(h[edges.to(dev)], last.weight[sl * K:(sl + 1) * K], last.bias[sl * K:(sl + 1) * K])
+                 for sl, edges in pmap.groups]
+        delta = torch.cat(parts)[pmap.inverse.to(dev)]
+    else:
+        out = head.all(e)[:, : graph.max_feat]  # (E_param, slots, K)
+        delta = out.reshape(-1, out.shape[-1])[pmap.flat.to(dev)]
+    return scaled[:, -1:] + delta.float()
 
 
 def window_loss(model: NiNoGNN, task: TaskData, window: Window) -> torch.Tensor:
@@ -396,7 +439,7 @@ def window_loss(model: NiNoGNN, task: TaskData, window: Window) -> torch.Tensor:
     scaled, sc = scale(states, task.graph, model.scaling)  # exactly as inference scales
     shift, div = sc.rows()
     targets = (window.targets.to(dev) - shift) / div
-    pred = predict_scaled_all(model, _signed_graph(task.graph, window.lpe_sign), scaled)
+    pred = predict_scaled_all(model, _signed_graph(task.graph, window.lpe_sign), scaled, task.param_map)
     rows = task.trainable.to(dev) & (div[:, 0] > sc.eps)
     mask = window.mask.to(dev)
     err = (pred - targets).abs()[rows][:, mask]
