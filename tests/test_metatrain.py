@@ -182,9 +182,10 @@ def test_store_must_match_the_graph(store):
 
 
 # ---- the loss -----------------------------------------------------------------------------------
-def test_all_horizons_match_the_inference_path(task):
+@pytest.mark.parametrize("head", ["mlp", "gru"])
+def test_all_horizons_match_the_inference_path(task, head):
     torch.manual_seed(0)
-    model = nowcast.NiNoGNN(**TINY).eval()
+    model = nowcast.NiNoGNN(**TINY, head=head).eval()
     (win, tgt, mask), = mt.read_windows(task, 1, [12])
     scaled, sc = scale(win, task.graph, model.scaling)
     with torch.no_grad():
