@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -252,7 +251,7 @@ def test_resume_without_checkpoint_is_lossy_and_says_so(tmp_path):
 
 def test_mismatched_resume_is_refused(tmp_path):
     task, ops = make_task(steps=12)
-    kw = dict(runs=2, save_every=4, group=2, ops=ops, **quiet())
+    kw = dict(runs=2, save_every=4, group=2, ops=ops, mode="vmap", **quiet())
     with pytest.raises(C.CollectionInterrupted):
         C.collect(task, tmp_path, stop_after=6, **kw)
     before = _store_bytes(tmp_path / "tiny")
@@ -281,13 +280,13 @@ class ItemNet(TinyNet):
 
 def test_unvmappable_model_falls_back_to_sequential(tmp_path):
     task, ops = make_task(steps=8, net=ItemNet)
-    with pytest.warns(C.VmapFallbackWarning, match="sequential"):
-        path = C.collect(task, tmp_path, runs=2, save_every=4, group=2, ops=ops, **quiet())
-    t = C.load_trajectories(path)
-    assert t.meta["mode"] == "sequential" and t.meta["vmap_fallback"]
-    assert t.complete_runs == [0, 1]
-    with pytest.raises(C.CollectError, match="mode='sequential'"):
-        C.collect(task, tmp_path / "b", runs=2, save_every=4, group=2, ops=ops, mode="vmap", **quiet())
+    kw = dict(runs=2, save_every=4, group=2, ops=ops, mode="vmap", **quiet())
+    with pytest.raises(C.CollectionInterrupted), pytest.warns(C.VmapFallbackWarning, match="sequential"):
+        C.collect(task, tmp_path, stop_after=6, **kw)
+    t = C.load_trajectories(tmp_path / "tiny")
+    assert t.meta["mode"] == "sequential" and "vmap" in t.meta["vmap_fallback"]
+    path = C.collect(task, tmp_path, **kw)  # resuming with the same command keeps the fallback
+    assert C.load_trajectories(path).complete_runs == [0, 1]
 
 
 def test_param_order_is_the_compiled_graphs():
@@ -311,6 +310,13 @@ def test_progress_bar(tmp_path, capsys):
     assert "tiny runs 0-1" in err and "tiny runs 2-2" in err and "8/8" in err
     C.collect(task, tmp_path / "q", runs=1, save_every=4, ops=ops, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_benchmark_runs_both_paths():
+    task, ops = make_task()
+    res = C.benchmark(task, runs=2, steps=3, warmup=1, ops=ops)
+    assert set(res) == {"vmap", "sequential"}
+    assert all(r["best_run_steps_per_s"] >= r["run_steps_per_s"] > 0 for r in res.values())
 
 
 def test_cli_help(capsys):
