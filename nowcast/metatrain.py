@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ def _done_counts(meta: dict, runs: int, n_saves: int, where: Path) -> np.ndarray
 
 # ---- tasks -----------------------------------------------------------------------------------------
 @dataclass
-class TaskData:
+class TrajectoryTask:
     """One task's trajectories with its compiled graph and sampling geometry.
 
     ``stride`` is the number of saves between two window states (``period / ctx / save_every``);
@@ -153,7 +153,7 @@ def window_stride(period: int, ctx: int, save_every: int) -> int:
 
 
 def load_task(name: str, store: str | Path, graph, *, period: int = 1000, ctx: int = 5, horizon: int = 40,
-              val_fraction: float = 0.1, ir=None) -> TaskData:
+              val_fraction: float = 0.1, ir=None) -> TrajectoryTask:
     """Open ``store`` (a ``<root>/<task>`` directory) for meta-training on ``graph``.
 
     ``graph`` is ``neugraph.compile(model, example_inputs, profile="nino")`` of the task's model;
@@ -184,7 +184,7 @@ def load_task(name: str, store: str | Path, graph, *, period: int = 1000, ctx: i
         raise MetaTrainError(f"{store}: no training run has a full window and a target (needs {need} collected "
                              f"steps at period {period}); collect longer runs or choose a smaller --period")
     _ = graph.edge_index, graph.edge_type  # materialise once; shallow copies (LPE sign flips) share them
-    return TaskData(name=name, graph=graph, states=states, done=done, save_every=int(meta["save_every"]),
+    return TrajectoryTask(name=name, graph=graph, states=states, done=done, save_every=int(meta["save_every"]),
                     stride=stride, ctx=ctx, horizon=horizon, train_runs=train, val_runs=val, ir=ir,
                     trainable=graph.trainable_mask, param_map=ParamMap.of(graph))
 
@@ -217,7 +217,7 @@ def target_saves(newest: int, stride: int, horizon: int) -> np.ndarray:
     return newest + stride * np.arange(1, horizon + 1)
 
 
-def read_windows(task: TaskData, run: int, newest: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor,
+def read_windows(task: TrajectoryTask, run: int, newest: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor,
                                                                                     torch.Tensor]]:
     """(states (P, ctx), targets (P, K), mask (K,)) float32 for windows of ``run`` ending at ``newest``.
 
@@ -245,7 +245,7 @@ def read_windows(task: TaskData, run: int, newest: Sequence[int]) -> list[tuple[
     return out
 
 
-def flat_permutation(task: TaskData, generator: torch.Generator) -> torch.Tensor:
+def flat_permutation(task: TrajectoryTask, generator: torch.Generator) -> torch.Tensor:
     """A random element of the model's neuron-permutation group as an index into the flat state.
 
     ``states[index]`` is the trajectory of the permuted (functionally identical) model.
@@ -272,7 +272,7 @@ class WindowSampler:
     and counted in ``bad_windows``.
     """
 
-    def __init__(self, tasks: Sequence[TaskData], generator: torch.Generator, *, per_run: int = 4,
+    def __init__(self, tasks: Sequence[TrajectoryTask], generator: torch.Generator, *, per_run: int = 4,
                  lpe: int = 8, lpe_flip: bool = True, permute: bool = False, split: str = "train"):
         if per_run < 1:
             raise MetaTrainError("per_run must be >= 1")
@@ -343,7 +343,7 @@ class WindowSpec:
     newest: int
 
 
-def fixed_windows(tasks: Sequence[TaskData], count: int, seed: int) -> list[WindowSpec]:
+def fixed_windows(tasks: Sequence[TrajectoryTask], count: int, seed: int) -> list[WindowSpec]:
     """``count`` fixed held-out window positions (validation runs, no augmentation).
 
     Only positions are kept, so validation costs no memory between evaluations.
@@ -355,7 +355,7 @@ def fixed_windows(tasks: Sequence[TaskData], count: int, seed: int) -> list[Wind
     return [WindowSpec(ti, run, newest[0]) for ti, run, newest, _, _ in (sampler.locate() for _ in range(count))]
 
 
-def read_window(tasks: Sequence[TaskData], spec: WindowSpec) -> Window | None:
+def read_window(tasks: Sequence[TrajectoryTask], spec: WindowSpec) -> Window | None:
     """The window at ``spec``, or None when its states are not finite or it has no finite target."""
     (win, tgt, mask), = read_windows(tasks[spec.task], spec.run, [spec.newest])
     if not bool(torch.isfinite(win).all()) or not bool(mask.any()):
@@ -427,7 +427,7 @@ def predict_scaled_all(model: NiNoGNN, graph, scaled: torch.Tensor, pmap: ParamM
     return scaled[:, -1:] + delta.float()
 
 
-def window_loss(model: NiNoGNN, task: TaskData, window: Window) -> torch.Tensor:
+def window_loss(model: NiNoGNN, task: TrajectoryTask, window: Window) -> torch.Tensor:
     """Masked L1 between predicted and target states in the window's scaled space (a scalar).
 
     Rows the nowcaster cannot move are left out: frozen parameters, and, for per-tensor ``std``
@@ -524,10 +524,12 @@ class MetaTrainer:
 
     ``run()`` resumes from the newest checkpoint in ``out/checkpoints`` when there is one (the
     training configuration must then be the same), trains to ``config.steps``, and saves the
-    nowcaster with :func:`nowcast.save` to ``out/nowcaster``.
+    nowcaster with :func:`nowcast.save` to ``out/nowcaster``. The model is initialised after
+    ``torch.manual_seed(config.seed)`` (the global RNG is reseeded); the window stream has its own
+    generator.
     """
 
-    def __init__(self, tasks: Sequence[TaskData], config: MetaTrainConfig, out: str | Path,
+    def __init__(self, tasks: Sequence[TrajectoryTask], config: MetaTrainConfig, out: str | Path,
                  device: str | torch.device | None = None, progress: bool = True,
                  task_info: dict | None = None):
         if not tasks:
@@ -654,6 +656,7 @@ class MetaTrainer:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.out / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -716,8 +719,8 @@ class MetaTrainer:
         bar.close()
         summary = self.summary()
         if self.step >= cfg.steps:
-            summary["nowcaster"] = str(save_nowcaster(self.model.cpu().eval(), self.out / NOWCASTER_DIR).parent)
-            self.model.to(self.device).train()
+            summary["nowcaster"] = str(save_nowcaster(self.model.eval(), self.out / NOWCASTER_DIR).parent)
+            self.model.train()
             (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
         try:
             plot_log(self.out / LOG_FILE, self.out / PLOT_FILE)
@@ -728,7 +731,7 @@ class MetaTrainer:
     def summary(self) -> dict:
         records = read_log(self.out / LOG_FILE)
         train = [r["loss"] for r in records if r.get("loss") is not None]
-        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
         tail = train[-min(len(train), 100):] if train else []
         return {"step": self.step, "steps": self.cfg.steps, "skipped_steps": self.skipped,
                 "bad_windows": self.sampler.bad_windows,
@@ -784,7 +787,8 @@ def plot_log(log: str | Path, png: str | Path) -> Path:
         s, v = np.array(train).T
         ax.plot(s, v, color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
         w = min(50, len(v))
-        ax.plot(s[w - 1:], np.convolve(v, np.ones(w) / w, mode="valid"), color="tab:blue", label=f"train ({w}-step mean)")
+        ax.plot(s[w - 1:], np.convolve(v, np.ones(w) / w, mode="valid"), color="tab:blue",
+                label=f"train ({w}-step mean)")
     if val:
         s, v = np.array(val).T
         ax.plot(s, v, "o-", color="tab:orange", label="validation (held-out runs)")

@@ -276,7 +276,9 @@ def test_resume_and_determinism_give_identical_checkpoints(task, tmp_path):
     mt.MetaTrainer([task], cfg, tmp_path / "c", device="cpu", progress=False).run()
     files = [tmp_path / d / "nowcaster" / "nowcaster.safetensors" for d in "abc"]
     assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
-    loss = lambda d: [(r["step"], r.get("loss"), r.get("val_loss")) for r in mt.read_log(tmp_path / d / "log.jsonl")]  # noqa: E731
+    def loss(d):
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in mt.read_log(tmp_path / d / "log.jsonl")]
+
     assert loss("a") == loss("c") and [s for s, _, v in loss("a") if v is None] == list(range(1, 13))
     assert len(list((tmp_path / "a" / "checkpoints").glob("*.pt"))) == 2  # keep=2
     assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
