@@ -24,6 +24,7 @@ of ``neugraph.compile(model, ...)``, so a saved row is directly a nowcaster's ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -434,7 +435,15 @@ def collect(task: Any, out_dir: Union[str, Path], runs: int = 16, steps: Optiona
         "eps": EPS, "num_params": num_params, "param_names": param_names,
         "param_shapes": [list(p.shape) for _, p in named]})
     store = _Store(task_dir)
+    with store.lock():
+        return _collect_locked(task, ops, store, settings, resume, mode, progress, stop_after)
+
+
+def _collect_locked(task: Any, ops: TaskOps, store: _Store, settings: dict, resume: bool, mode: str,
+                    progress: bool, stop_after: Optional[int]) -> Path:
     meta = store.open(settings, resume, mode)
+    runs, n_saves, group = settings["runs"], settings["n_saves"], settings["group"]
+    seeds, run_lrs = settings["seeds"], settings["lrs"]
 
     data = None
     if any(d < n_saves for d in meta["done"]):
@@ -447,7 +456,7 @@ def collect(task: Any, out_dir: Union[str, Path], runs: int = 16, steps: Optiona
                 if reason is not None:
                     warnings.warn(f"{task.name}: the model cannot be trained under torch.vmap ({reason}); "
                                   "using the sequential path (one module and torch.optim.AdamW per run)",
-                                  VmapFallbackWarning, stacklevel=2)
+                                  VmapFallbackWarning, stacklevel=3)
                     meta["vmap_fallback"] = reason
                     resolved = "sequential"
             meta["mode"] = resolved
@@ -461,7 +470,7 @@ def collect(task: Any, out_dir: Union[str, Path], runs: int = 16, steps: Optiona
             continue
         with torch.random.fork_rng(devices=[]):  # dropout RNG is seeded per group; leave the caller's alone
             _train_group(task, ops, data, store, meta, g, idx, progress, budget)
-    return task_dir
+    return store.dir
 
 
 class _Store:
@@ -472,6 +481,26 @@ class _Store:
         self.losses_path = task_dir / "losses.npy"
         self.states: Optional[np.memmap] = None
         self.losses: Optional[np.ndarray] = None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One collector per store: an exclusive ``flock`` on ``.lock`` while collecting."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "w") as f:
+            try:
+                import fcntl
+            except ImportError:  # pragma: no cover - not POSIX: no locking
+                yield
+                return
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise CollectError(f"another collector is writing {self.dir}; wait for it to finish (or stop "
+                                   "it) before running this command again") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def ckpt_path(self, g: int) -> Path:
         return self.dir / f"resume_g{g}.pt"
@@ -501,7 +530,7 @@ class _Store:
             self.losses = np.load(self.losses_path, mmap_mode="r+")
             if meta.get("torch") != torch.__version__ and any(d < settings["n_saves"] for d in meta["done"]):
                 warnings.warn(f"{self.dir} was started with torch {meta.get('torch')}, resuming with "
-                              f"{torch.__version__}: the continued runs may differ in the last bits", stacklevel=3)
+                              f"{torch.__version__}: the continued runs may differ in the last bits", stacklevel=4)
             return meta
         # a fresh store (also when states exist without meta: nothing in them was complete)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -569,7 +598,7 @@ def _train_group(task: Any, ops: TaskOps, data: Any, store: _Store, meta: dict, 
         k = done - 1
         warnings.warn(f"{task.name} runs {idx[0]}-{idx[-1]}: no usable float32 resume checkpoint ({ckpt_path}); "
                       f"resuming from the fp16 store at save {k} (step {k * se}) with fresh AdamW moments -- "
-                      "the rest of these trajectories is not what an uninterrupted run would give", stacklevel=3)
+                      "the rest of these trajectories is not what an uninterrupted run would give", stacklevel=4)
         trainer.load_flat(torch.from_numpy(np.asarray(store.states[idx[0]:idx[-1] + 1, k], dtype=np.float32)))
         torch.manual_seed(seeds[0] + k)
         step = k * se

@@ -200,7 +200,8 @@ def _store_bytes(path):
 
 
 @pytest.mark.parametrize("mode", ["vmap", "sequential"])
-@pytest.mark.parametrize("stop", [1, 7, 13, 16])  # run-steps: inside the first interval, mid-group, group 2
+# run-steps (group 0 has 2 runs, 24 run-steps): first step, at a save, mid-interval, in group 1
+@pytest.mark.parametrize("stop", [1, 8, 13, 30])
 def test_resume_after_interruption_is_bitwise(tmp_path, mode, stop):
     task, ops = make_task(steps=12)
     kw = dict(runs=3, save_every=4, group=2, mode=mode, ops=ops, lrs=[1e-2, 3e-2, 2e-2], **quiet())
@@ -247,6 +248,15 @@ def test_resume_without_checkpoint_is_lossy_and_says_so(tmp_path):
         path = C.collect(task, tmp_path, **kw)
     t = C.load_trajectories(path)
     assert t.complete_runs == [0, 1] and t.meta["lossy_resumes"] == [{"group": 0, "runs": [0, 1], "save": 2}]
+
+
+def test_one_collector_per_store(tmp_path):
+    task, ops = make_task(steps=8)
+    store = C._Store(tmp_path / "tiny")
+    with store.lock():
+        with pytest.raises(C.CollectError, match="another collector"):
+            C.collect(task, tmp_path, runs=1, save_every=4, ops=ops, **quiet())
+    assert C.load_trajectories(C.collect(task, tmp_path, runs=1, save_every=4, ops=ops, **quiet())).complete_runs == [0]
 
 
 def test_mismatched_resume_is_refused(tmp_path):
