@@ -276,6 +276,10 @@ def test_resume_and_determinism_give_identical_checkpoints(task, tmp_path):
     mt.MetaTrainer([task], cfg, tmp_path / "c", device="cpu", progress=False).run()
     files = [tmp_path / d / "nowcaster" / "nowcaster.safetensors" for d in "abc"]
     assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
+    # the training checkpoints hold the same values too (optimizer moments, RNG states, ...); their bytes
+    # may differ only in how pickle memoises the optimizer's state keys after load_state_dict
+    ckpts = [torch.load(tmp_path / d / "checkpoints" / "step_00000012.pt", weights_only=True) for d in "abc"]
+    assert same_values(ckpts[0], ckpts[1]) and same_values(ckpts[0], ckpts[2])
     def loss(d):
         return [(r["step"], r.get("loss"), r.get("val_loss")) for r in mt.read_log(tmp_path / d / "log.jsonl")]
 
@@ -285,6 +289,16 @@ def test_resume_and_determinism_give_identical_checkpoints(task, tmp_path):
     # the same directory with other settings is refused, naming the fix
     with pytest.raises(mt.MetaTrainError, match="same arguments"):
         mt.MetaTrainer([task], config(lr=1e-3), tmp_path / "a", device="cpu", progress=False).run()
+
+
+def same_values(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return type(a) is type(b) and a == b
 
 
 def test_saved_nowcaster_predicts_identically(task, tmp_path):
