@@ -275,7 +275,9 @@ class _SequentialTrainer:
     @torch.no_grad()
     def load_flat(self, flat: torch.Tensor) -> None:
         for m, row in zip(self.models, flat):
-            torch.nn.utils.vector_to_parameters(row, [p for _, p in m.named_parameters()])
+            params = [p for _, p in m.named_parameters()]
+            for p, part in zip(params, row.split([p.numel() for p in params])):
+                p.copy_(part.view_as(p))
 
     def state_dict(self) -> dict:
         return {"models": [m.state_dict() for m in self.models], "adamw": [o.state_dict() for o in self.opts]}
@@ -681,7 +683,7 @@ class Trajectories:
         return list(self.meta["done"])
 
 
-def load_trajectories(path: Union[str, Path], mode: str = "r") -> Trajectories:
+def load_trajectories(path: Union[str, Path], mmap_mode: str = "r") -> Trajectories:
     """Open a store: the task directory (``out_dir/<task>``), its ``meta.json`` or its ``states.f16``."""
     p = Path(path)
     task_dir = p.parent if p.is_file() or p.suffix in (".json", ".f16") else p
@@ -693,8 +695,8 @@ def load_trajectories(path: Union[str, Path], mode: str = "r") -> Trajectories:
     if meta.get("format") != FORMAT:
         raise CollectError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     shape = tuple(meta["states"]["shape"])
-    states = np.memmap(task_dir / meta["states"]["file"], dtype=np.float16, mode=mode, shape=shape)
-    losses = np.load(task_dir / meta["losses"]["file"], mmap_mode=mode)
+    states = np.memmap(task_dir / meta["states"]["file"], dtype=np.float16, mode=mmap_mode, shape=shape)
+    losses = np.load(task_dir / meta["losses"]["file"], mmap_mode=mmap_mode)
     complete = [r for r, d in enumerate(meta["done"]) if d == meta["n_saves"]]
     return Trajectories(states=states, meta=meta, complete_runs=complete, losses=losses, path=task_dir)
 
