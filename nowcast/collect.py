@@ -789,6 +789,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        seeds=args.seeds, lrs=args.lrs, group=args.group, resume=not args.restart,
                        progress=not args.no_progress, lr_jitter=args.lr_jitter, mode=args.mode,
                        data_root=args.data_root)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume from the last save", file=sys.stderr)
+        return 130
     except (DataMissingError, CollectError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
