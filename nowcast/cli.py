@@ -242,8 +242,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    head = ("name", "kind", "dataset", "steps", "lr", "batch", "metric", "target", "params", "target from")
-    table = [head] + [(r["name"], r["kind"], r["dataset"], str(r["steps"]), f"{r['lr']:g}", str(r["batch_size"]),
+    head = ("name", "kind", "dataset", "steps", "period", "lr", "batch", "metric", "target", "params", "target from")
+    table = [head] + [(r["name"], r["kind"], r["dataset"], str(r["steps"]), str(r["period"]), f"{r['lr']:g}",
+                       str(r["batch_size"]),
                        r["metric"], f"{r['target']:g}", "-" if r["num_params"] is None else f"{r['num_params']:,}",
                        r["target_note"].split(":")[0]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -256,10 +257,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 # ---- argument parsing ------------------------------------------------------------------------------
 def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--period", type=int, default=1000, help="steps per nowcast cycle (multiple of --ctx; default 1000)")
+    p.add_argument("--period", type=int, default=None,
+                   help="steps per nowcast cycle, a multiple of --ctx (default: the task's, 1000 for fm16)")
     p.add_argument("--dynamic-period", action="store_true",
                    help="nowcast often early and rarely late (nowcast.schedule.DynamicPeriod defaults)")
     p.add_argument("--ctx", type=int, default=5, help="parameter states per nowcast (default 5)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,6 +316,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import DataMissingError
     from .tasks import UnknownTaskError
 
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         if args.command == "demo":
             explicit = args.task is not None

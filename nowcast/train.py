@@ -54,7 +54,7 @@ def _logger(log: LogLike) -> Optional[Callable[[dict], None]]:
 
 def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowcaster: Any = None,
                  steps: Optional[int] = None, eval_every: Optional[int] = None, data: Optional[TaskData] = None,
-                 period: Any = 1000, ctx: int = 5, progress: bool = True, log: LogLike = None) -> dict:
+                 period: Any = None, ctx: int = 5, progress: bool = True, log: LogLike = None) -> dict:
     """Train ``build_model(task, seed)`` for ``steps`` steps and return a JSON-serialisable record.
 
     Args:
@@ -64,7 +64,8 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
             label becomes ``"adamw+<NowcasterClass>"``).
         nowcaster: ``None`` for AdamW alone, else any nowcaster (NiNoGNN, WNNPlus, Linefit,
             LinefitPlus); AdamW is then wrapped in :class:`nowcast.optim.NiNo` with ``period``
-            (an int or a :class:`nowcast.schedule.DynamicPeriod`), ``ctx``, ``total_steps=steps``
+            (an int or a :class:`nowcast.schedule.DynamicPeriod`; default ``task.period``, 1000 for
+            the paper's tasks), ``ctx``, ``total_steps=steps``
             and the published k-decay. A graph, if the nowcaster needs one, is compiled from
             ``example_inputs(task)``.
         steps, eval_every: default the task's.
@@ -82,6 +83,8 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
     eval_every = task.eval_every if eval_every is None else int(eval_every)
     if steps < 1 or eval_every < 1:
         raise ValueError(f"steps and eval_every must be >= 1, got steps={steps}, eval_every={eval_every}")
+    if period is None:
+        period = task.period
     if nowcaster is not None and method == "adamw":
         method = f"adamw+{type(nowcaster).__name__}"
     emit = _logger(log)
