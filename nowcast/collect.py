@@ -767,13 +767,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help=f"vmap (batched; falls back to sequential if the model cannot be vmapped), sequential "
                          f"(reference), auto (default): {DEFAULT_MODE}")
     ap.add_argument("--data-root", default=None, help="data directory (default: nowcast.data.data_dir())")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: measured fastest and steadiest on a shared 2-core CPU, "
+                         "see docs/collect.md; run two tasks at once to use two cores; 0 = torch's default)")
     ap.add_argument("--restart", action="store_true", help="delete an existing store and start over")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--benchmark", type=int, metavar="STEPS", default=None,
                     help="only time STEPS steps of --group runs with each path and print steps/s")
     args = ap.parse_args(argv)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     from .data import DataMissingError
 
