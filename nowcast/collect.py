@@ -775,8 +775,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--benchmark", type=int, metavar="STEPS", default=None,
                     help="only time STEPS steps of --group runs with each path and print steps/s")
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    try:
+        return _run_cli(args)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called from Python (tests)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
     from .data import DataMissingError
 
     try:

@@ -351,9 +351,11 @@ def test_cli_fm16(tmp_path, capsys):
         T.load_task_data("fm16")
     except DataMissingError as e:
         pytest.skip(str(e))
+    threads = torch.get_num_threads()
     rc = C.main(["--task", "fm16", "--runs", "2", "--steps", "4", "--save-every", "2", "--group", "2",
                  "--out", str(tmp_path), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
+    assert torch.get_num_threads() == threads  # --threads 1 applies to the command only
     t = C.load_trajectories(tmp_path / "fm16")
     assert t.states.shape == (2, 3, 14378) and t.complete_runs == [0, 1]
     model = T.build_model("fm16", 1)
