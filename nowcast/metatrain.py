@@ -153,8 +153,11 @@ def window_stride(period: int, ctx: int, save_every: int) -> int:
 
 
 def load_task(name: str, store: str | Path, graph, *, period: int = 1000, ctx: int = 5, horizon: int = 40,
-              val_fraction: float = 0.1, ir=None) -> TrajectoryTask:
+              val_fraction: float = 0.1, ir=None, max_runs: int | None = None) -> TrajectoryTask:
     """Open ``store`` (a ``<root>/<task>`` directory) for meta-training on ``graph``.
+
+    ``max_runs``: use only the store's first ``max_runs`` runs (a store still being collected one
+    run after another: its first complete runs are exactly what ``collect --runs max_runs`` makes).
 
     ``graph`` is ``neugraph.compile(model, example_inputs, profile="nino")`` of the task's model;
     ``ir`` (``neugraph.trace`` of the same model) enables permutation augmentation. The last
@@ -163,6 +166,11 @@ def load_task(name: str, store: str | Path, graph, *, period: int = 1000, ctx: i
     store = Path(store)
     states, meta, _complete = open_store(store)
     runs, n_saves, num_params = (int(s) for s in states.shape)
+    all_runs = runs
+    if max_runs is not None:
+        if not 1 <= max_runs <= runs:
+            raise MetaTrainError(f"{store}: max_runs={max_runs} but the store has {runs} runs")
+        runs = max_runs
     if meta.get("task") not in (None, name):
         raise MetaTrainError(f"{store}: the store holds task {meta['task']!r}, not {name!r}; check --data/--tasks")
     if num_params != graph.num_params:
@@ -172,7 +180,7 @@ def load_task(name: str, store: str | Path, graph, *, period: int = 1000, ctx: i
     if names is not None and list(names) != list(graph.param_names):
         raise MetaTrainError(f"{store}: the store's param_names differ from the graph's param_names order; states "
                              "must be flat in graph.param_names (named_parameters()) order: recollect the store")
-    done = _done_counts(meta, runs, n_saves, store)
+    done = _done_counts(meta, all_runs, n_saves, store)[:runs]
     stride = window_stride(period, ctx, int(meta["save_every"]))
     usable = np.flatnonzero(done >= ctx * stride + 1)  # a full window and one target
     n_val = 0 if runs < 2 else max(1, int(round(val_fraction * runs))) if val_fraction > 0 else 0
@@ -467,6 +475,7 @@ class MetaTrainConfig:
     amp: bool = True
     seed: int = 0
     val_fraction: float = 0.1
+    max_runs: int | None = None  # use each store's first max_runs runs only
     val_windows: int = 64
     val_every: int = 500
     ckpt_every: int = 200
@@ -847,6 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--permute", action="store_true",
                    help="augment each window with a random neuron permutation of its model (off by default)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (never used on CPU)")
+    p.add_argument("--max-runs", type=int, default=None,
+                   help="use only the first N runs of each store (default: all)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help=f"last fraction of each task's runs held out (default {d.val_fraction})")
     p.add_argument("--val-windows", type=int, default=d.val_windows, help=f"held-out windows (default {d.val_windows})")
@@ -879,7 +890,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = MetaTrainConfig(steps=args.steps, batch=args.batch, per_run=args.per_run, lr=args.lr, min_lr=args.min_lr,
                           warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, period=args.period,
                           lpe_flip=not args.no_lpe_flip, permute=args.permute, amp=not args.no_amp, seed=args.seed,
-                          val_fraction=args.val_fraction, val_windows=args.val_windows, val_every=args.val_every,
+                          val_fraction=args.val_fraction, max_runs=args.max_runs, val_windows=args.val_windows,
+                          val_every=args.val_every,
                           ckpt_every=args.ckpt_every, keep=args.keep, model=model_cfg)
     probe = NiNoGNN(**model_cfg)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -887,7 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         graph, ir = compile_task(name, lpe=probe.lpe)
         td = load_task(name, Path(args.data) / name, graph, period=cfg.period, ctx=probe.ctx,
-                       horizon=probe.max_horizon, val_fraction=cfg.val_fraction, ir=ir)
+                       horizon=probe.max_horizon, val_fraction=cfg.val_fraction, ir=ir, max_runs=cfg.max_runs)
         tasks.append(td)
         info.append({"task": name, "runs": int(td.states.shape[0]), "train_runs": len(td.train_runs),
                      "val_runs": len(td.val_runs), "save_every": td.save_every, "stride_saves": td.stride,

@@ -1,0 +1,219 @@
+"""Acceleration benchmark (../shared/docs/BENCHMARKS.md section 1): steps to target, per task and method.
+
+Every method trains the same task from the same initial weights on the same batch stream
+(``nowcast.train.run_training``; batches aligned by step index), for the task's full step budget,
+evaluating on the full held-out set every ``eval_every`` steps. Per task the table gives, for each
+method, the median over seeds of the first evaluated step at which the target is reached and the
+reduction in % against AdamW's median, plus the median final score and its difference to AdamW.
+A run that never reaches the target counts as "not reached" (it sorts above every step count, so a
+median over three seeds is a number only when at least two reached it).
+
+Runs are cached one JSON per (task, method, seed, steps) under ``--out``/runs, so the benchmark can
+be stopped and resumed, and grown one task or seed at a time; the summary (JSON, Markdown table and
+one plot per task) is rebuilt from every cached run each time.
+
+    python benchmarks/acceleration.py --tasks fm16 --seeds 0,1,2            # all methods
+    python benchmarks/acceleration.py --tasks fm16 --methods adamw,nino-ours --seeds 0
+    python benchmarks/acceleration.py --summary-only                          # rebuild table/plots
+
+Methods: ``adamw``; ``linefit``, ``linefit+`` (no weights); ``wnn+`` (published ``nino_mlp.pt``);
+``nino-published`` (published ``nino_no_posw.pt``); ``nino-ours`` (the checkpoint shipped in the
+package); ``nino-ours-dynamic`` (the same with ``DynamicPeriod()``). The published files are looked
+up in ``$NOWCAST_REFERENCE`` or ``../shared/reference/checkpoints`` beside the repository; a method
+whose checkpoint is missing is skipped and the skip is recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import nowcast  # noqa: E402
+from nowcast.schedule import DynamicPeriod  # noqa: E402
+from nowcast.tasks import TASKS, get_task, load_task_data  # noqa: E402
+from nowcast.train import run_training  # noqa: E402
+
+METHODS = ["adamw", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours", "nino-ours-dynamic"]
+LABELS = {"adamw": "AdamW", "linefit": "Linefit", "linefit+": "Linefit+", "wnn+": "WNN+ (published)",
+          "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, shipped)",
+          "nino-ours-dynamic": "NiNo (ours) + dynamic period"}
+OUT = ROOT / "benchmarks" / "results" / "acceleration"
+
+
+def reference_dir() -> Path:
+    env = os.environ.get("NOWCAST_REFERENCE")
+    return Path(env) if env else ROOT.parent / "shared" / "reference" / "checkpoints"
+
+
+def make_method(name: str) -> tuple[Any, Any]:
+    """(nowcaster or None, period) for a method name; raises FileNotFoundError for a missing checkpoint."""
+    from nowcast.cli import SHIPPED_CHECKPOINT
+
+    if name == "adamw":
+        return None, 1000
+    if name == "linefit":
+        return nowcast.Linefit(), 1000
+    if name == "linefit+":
+        return nowcast.LinefitPlus(), 1000
+    files = {"wnn+": reference_dir() / "nino_mlp.pt", "nino-published": reference_dir() / "nino_no_posw.pt",
+             "nino-ours": SHIPPED_CHECKPOINT, "nino-ours-dynamic": SHIPPED_CHECKPOINT}
+    if name not in files:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    path = files[name]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{name}: checkpoint {path} not found")
+    return nowcast.load(path), DynamicPeriod() if name.endswith("-dynamic") else 1000
+
+
+def run_file(out: Path, task: str, method: str, seed: int, steps: int) -> Path:
+    return out / "runs" / f"{task}__{method}__s{seed}__{steps}.json"
+
+
+def _median_steps(values: list[Optional[int]]) -> Optional[float]:
+    """Median with "not reached" as +inf; None when the median itself is not reached."""
+    xs = sorted(math.inf if v is None else v for v in values)
+    if not xs:
+        return None
+    m = statistics.median(xs)
+    return None if math.isinf(m) else float(m)
+
+
+def summarise(out: Path) -> dict:
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    by: dict[tuple[str, int], dict[str, list[dict]]] = {}
+    for r in runs:
+        by.setdefault((r["task"], r["steps"]), {}).setdefault(r["method"], []).append(r)
+    rows = []
+    for (task, steps), methods in sorted(by.items()):
+        base = methods.get("adamw", [])
+        base_med = _median_steps([r["steps_to_target"] for r in base])
+        base_final = statistics.median([r["final_score"] for r in base]) if base else None
+        for m in [x for x in METHODS if x in methods] + sorted(set(methods) - set(METHODS)):
+            rs = sorted(methods[m], key=lambda r: r["seed"])
+            med = _median_steps([r["steps_to_target"] for r in rs])
+            final = statistics.median([r["final_score"] for r in rs])
+            rows.append({
+                "task": task, "steps": steps, "method": m, "label": LABELS.get(m, m), "seeds": [r["seed"] for r in rs],
+                "steps_to_target": [r["steps_to_target"] for r in rs], "median_steps_to_target": med,
+                "reduction_pct": (None if med is None or base_med is None else round(100 * (1 - med / base_med), 1)),
+                "final_scores": [round(r["final_score"], 3) for r in rs], "median_final_score": round(final, 3),
+                "final_vs_adamw": None if base_final is None else round(final - base_final, 3),
+                "metric": rs[0]["metric"], "target": rs[0]["target"], "eval_every": rs[0]["eval_every"],
+                "nowcasts": [r["nowcasts"] for r in rs], "rejected": [r["nowcasts_rejected"] for r in rs],
+                "median_wall_time_s": round(statistics.median([r["wall_time_s"] for r in rs]), 1),
+            })
+    return {"rows": rows, "runs": len(runs)}
+
+
+def write_summary(out: Path, meta: dict) -> dict:
+    summary = summarise(out)
+    summary.update(meta)
+    (out / "acceleration.json").write_text(json.dumps(summary, indent=1))
+    lines = ["| task | method | seeds | steps to target (median) | reduction vs AdamW | final score (median) | "
+             "final - AdamW |", "|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        med = "not reached" if r["median_steps_to_target"] is None else f"{r['median_steps_to_target']:,.0f}"
+        red = "" if r["reduction_pct"] is None or r["method"] == "adamw" else f"{r['reduction_pct']:.1f}%"
+        diff = "" if r["final_vs_adamw"] is None or r["method"] == "adamw" else f"{r['final_vs_adamw']:+.2f}"
+        lines.append(f"| {r['task']} ({r['metric']} target {r['target']}) | {r['label']} | {len(r['seeds'])} | {med} "
+                     f"| {red} | {r['median_final_score']:.2f} | {diff} |")
+    (out / "acceleration.md").write_text("\n".join(lines) + "\n")
+    _plots(out)
+    return summary
+
+
+def _plots(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    for task in sorted({r["task"] for r in runs}):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        tr = [r for r in runs if r["task"] == task]
+        for m in [x for x in METHODS if any(r["method"] == x for r in tr)]:
+            rs = [r for r in tr if r["method"] == m]
+            for i, r in enumerate(rs):
+                ax.plot(r["eval_steps"], r["scores"], lw=1, alpha=0.8, color=f"C{METHODS.index(m)}",
+                        label=LABELS[m] if i == 0 else None)
+        ax.axhline(tr[0]["target"], color="k", ls="--", lw=0.8, label=f"target {tr[0]['target']}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"validation {tr[0]['metric']}")
+        if tr[0]["metric"] == "accuracy":
+            top = max(max(r["scores"]) for r in tr)
+            ax.set_ylim(max(0, top - 15), top + 1)
+        else:
+            ax.set_yscale("log")
+        ax.set_title(f"{task}: every seed, every method")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"acceleration_{task}.png", dpi=110)
+        plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="fm16", help=f"comma-separated tasks from {', '.join(TASKS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=None, help="override the task's step budget (smoke runs)")
+    p.add_argument("--eval-every", type=int, default=None, help="override the task's evaluation interval")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (default 1: fastest for these small models on a shared CPU)")
+    p.add_argument("--force", action="store_true", help="rerun cached runs")
+    p.add_argument("--summary-only", action="store_true", help="only rebuild the summary from cached runs")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out: Path = args.out
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    meta = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus", "device": "cpu",
+            "torch": torch.__version__, "python": platform.python_version(),
+            "command": "python benchmarks/acceleration.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d")}
+    skipped = []
+    if not args.summary_only:
+        for task_name in args.tasks.split(","):
+            task = get_task(task_name)
+            data = load_task_data(task)
+            steps = args.steps or task.steps
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                for m in args.methods.split(","):
+                    path = run_file(out, task.name, m, seed, steps)
+                    if path.exists() and not args.force:
+                        continue
+                    try:
+                        nc, period = make_method(m)
+                    except FileNotFoundError as e:
+                        skipped.append(str(e))
+                        print(f"skip: {e}", file=sys.stderr)
+                        continue
+                    rec = run_training(task, seed, method=m, nowcaster=nc, steps=steps, eval_every=args.eval_every,
+                                       data=data, period=period, progress=not args.no_progress)
+                    rec["machine"], rec["torch"] = meta["machine"], meta["torch"]
+                    path.write_text(json.dumps(rec))
+                    print(f"{task.name} {m} seed {seed}: steps to target {rec['steps_to_target']}, "
+                          f"final {rec['final_score']:.3f}, {rec['wall_time_s']:.0f} s", flush=True)
+    meta["skipped"] = skipped
+    summary = write_summary(out, meta)
+    print((out / "acceleration.md").read_text())
+    return 0 if summary["runs"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
