@@ -1,0 +1,94 @@
+"""Write nowcast/checkpoints/MODEL_CARD.md (and docs/model_card_loss.png) from a meta-training run.
+
+Called by ``bash scripts/make_checkpoint.sh train``; everything in the card is read from the files
+that run and the trajectory store wrote, nothing is typed in by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "nowcast" / "checkpoints"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--traj", type=Path, required=True, help="the trajectory store (<root>/fm16)")
+    p.add_argument("--run", type=Path, required=True, help="the meta-training output directory")
+    p.add_argument("--max-runs", type=int, required=True)
+    args = p.parse_args()
+    meta = json.loads((args.traj / "meta.json").read_text())
+    cfg = json.loads((args.run / "config.json").read_text())
+    summary = json.loads((args.run / "summary.json").read_text())
+    log = [json.loads(x) for x in (args.run / "log.jsonl").read_text().splitlines() if x.strip()]
+    sec = sum(r.get("sec", 0.0) for r in log)
+    vals = [(r["step"], r["val_loss"]) for r in log if r.get("val_loss") is not None]
+    used = list(range(args.max_runs))
+    lrs = meta.get("lrs") or [None] * meta["runs"]
+    seeds = meta.get("seeds") or list(range(meta["runs"]))
+    wall = meta.get("wall_s")
+    weights, config = CKPT / "nino_ours.safetensors", CKPT / "nino_ours.json"
+    if (args.run / "loss.png").exists():
+        shutil.copyfile(args.run / "loss.png", ROOT / "docs" / "model_card_loss.png")
+    c = cfg.get("config", cfg)
+    lines = [
+        "# Model card: `nino_ours` (the nowcaster shipped with neural-nowcasting)",
+        "",
+        "A NiNo graph neural network (`nowcast.NiNoGNN`, the published architecture: hidden 128, 3 message-passing",
+        "layers, MLP head over 40 horizons, ctx 5, LPE 8) trained by this project's own pipeline. Loaded by",
+        "`nowcast demo` and `resolve_nowcaster('default')`.",
+        "",
+        "## Files",
+        f"- `nino_ours.safetensors`: {weights.stat().st_size:,} bytes, SHA-256 `{sha256(weights)}`",
+        f"- `nino_ours.json`: SHA-256 `{sha256(config)}`",
+        f"- weights: {summary.get('weights', 0):,}",
+        "",
+        "## Data",
+        f"- Task `{meta['task']}` (Fashion-MNIST, the paper's FM/16 network, AdamW, batch 128), collected with",
+        "  `bash scripts/make_checkpoint.sh collect`: runs trained with `torch.optim.AdamW`, parameters saved every",
+        f"  {meta['save_every']} steps over {meta['steps']:,} steps.",
+        f"- Runs used: the store's first {args.max_runs} (seeds {[seeds[i] for i in used]}, learning rates "
+        f"{[round(lrs[i], 5) if lrs[i] else None for i in used]}); the last "
+        f"{max(1, round(c.get('val_fraction', 0.1) * args.max_runs)) if args.max_runs > 1 else 0} held out for validation.",
+        f"- Saves complete per run at training time: {meta['done'][: args.max_runs]} of {meta['n_saves']}.",
+        "- The benchmark seeds (0, 1, 2) are not among the meta-training seeds.",
+        "",
+        "## Training",
+        f"- `bash scripts/make_checkpoint.sh train`: {c.get('steps')} AdamW steps, {c.get('batch')} windows per step "
+        f"({c.get('per_run')} consecutive windows per sampled run), lr {c.get('lr')} cosine to {c.get('min_lr')}, "
+        f"weight decay {c.get('weight_decay')}, gradient clip {c.get('clip')}, period {c.get('period')} "
+        f"(states {c.get('period', 1000) // 5} steps apart), masked L1 in scaled space over horizons 1..40, "
+        f"LPE sign flips {'on' if c.get('lpe_flip') else 'off'}, seed {c.get('seed')}.",
+        f"- Final train loss {summary['train_loss']:.5f} (mean of the last 100 steps), validation loss "
+        f"{summary['val_loss']:.5f} (step {summary['val_step']}); {summary['skipped_steps']} skipped steps.",
+        f"- Validation curve: {', '.join(f'{s}: {v:.4f}' for s, v in vals)}.",
+        "- Loss curves: `docs/model_card_loss.png`.",
+        "",
+        "## Compute",
+        f"- Collection: {round(sum(meta.get('group_wall_s', [])[: args.max_runs]))} s wall for the {args.max_runs} runs "
+        f"used ({round(wall or 0)} s for the whole store so far), CPU, {meta['machine'].get('cpu_count')} cores, "
+        f"{meta['machine'].get('torch_threads')} torch thread, a machine shared with other jobs.",
+        f"- Meta-training: {sec:,.0f} s of step time, CPU ({platform.machine()}), one thread.",
+        "",
+        "## Limits",
+        "- Meta-trained on a handful of FM/16 trajectories only, on a CPU budget far below the published model's",
+        "  (trajectories of several tasks, 20,000 steps of 16 windows; docs/metatrain.md). The step-0 validation",
+        "  loss above is the untrained network's (its predicted changes are near zero: about the no-change",
+        "  baseline). Its acceleration is measured in `benchmarks/results/acceleration/` in the same runs as the",
+        "  published checkpoint.",
+    ]
+    (CKPT / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {CKPT / 'MODEL_CARD.md'}")
+
+
+if __name__ == "__main__":
+    main()
