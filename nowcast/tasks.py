@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["Task", "TaskData", "TASKS", "get_task", "build_model", "example_inputs", "load_task_data",
-           "batches", "loss_fn", "evaluate", "num_params", "UnknownTaskError", "LM_CONTEXT", "LM_VAL_WINDOWS"]
+           "batches", "loss_fn", "evaluate", "num_params", "UnknownTaskError", "target_from_run", "LM_CONTEXT", "LM_VAL_WINDOWS"]
 
 LM_CONTEXT = 128        # tokens per window (the paper: 1024; shortened for a 2-core CPU)
 LM_VAL_WINDOWS = 256    # fixed held-out windows per language task (LM_VAL_WINDOWS * LM_CONTEXT tokens)
@@ -109,27 +109,34 @@ def _lm(name: str, dataset: str, family: str, layers: int, d_model: int, heads: 
 
 
 _PROV = "provisional: not yet calibrated with tuned AdamW (docs/tasks.md)"
+_RULE = "calibrated: tasks.target_from_run on one AdamW run, seed 0"
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     # the paper's Fashion-MNIST tasks, paper settings and targets
     _vision("fm16", "fashion_mnist", 16, 89.5, "paper"),
     _vision("fm32", "fashion_mnist", 32, 90.5, "paper"),
-    # unseen dataset: the same networks on MNIST
-    _vision("mnist16", "mnist", 16, 98.5, _PROV),
-    _vision("mnist32", "mnist", 32, 98.8, _PROV),
-    # GPT-2 style byte-level LMs on Jane Austen (the meta-training corpus)
-    _lm("austen-2-32", "austen", "gpt2", 2, 32, 4, lr=2e-3, steps=4000, period=400, target=6.0, note=_PROV),
-    _lm("austen-3-24", "austen", "gpt2", 3, 24, 3, lr=2e-3, steps=4000, period=400, target=6.0, note=_PROV),
-    _lm("austen-3-64", "austen", "gpt2", 3, 64, 4, lr=2e-3, steps=3000, period=300, target=5.0, note=_PROV),
+    # unseen dataset: the same networks on MNIST (paper lr 6e-3 kept)
+    _vision("mnist16", "mnist", 16, 98.4, f"{_RULE}: best of the last 10% 98.43% (final 98.22%), first reached at "
+                                           "step 7,750"),
+    _vision("mnist32", "mnist", 32, 98.7, "provisional: the calibration run was paused at step 6,750 (98.72% "
+                                           "there, 98.2-98.7% over steps 4,000-6,750); needs one full AdamW run"),
+    # GPT-2 style byte-level LMs on Jane Austen (the meta-training corpus); lr tuned on austen-3-24
+    _lm("austen-2-32", "austen", "gpt2", 2, 32, 4, lr=8e-3, steps=4000, period=400, target=5.22,
+        note=f"{_RULE}: 5.22 at 90% of the budget (final 5.185); lr 8e-3 from the austen-3-24 grid"),
+    _lm("austen-3-24", "austen", "gpt2", 3, 24, 3, lr=8e-3, steps=4000, period=400, target=5.51,
+        note=f"{_RULE}: 5.51 at 90% of the budget (final 5.450); lr grid 1e-3..1.6e-2, best 8e-3"),
+    _lm("austen-3-64", "austen", "gpt2", 3, 64, 4, lr=4e-3, steps=3000, period=300, target=4.61,
+        note=f"{_RULE}: 4.61 at 90% of the budget (final 4.491); lr 4e-3 from one run, not a grid"),
     # Llama style: rotary positions, grouped-query attention (4 query heads, 2 key/value heads)
-    _lm("austen-llama-3-64", "austen", "llama", 3, 64, 4, kv_heads=2, intermediate=172, lr=2e-3, steps=3000,
-        period=300, target=5.0, note=_PROV),
-    # unseen corpora
-    _lm("bible-3-24", "bible", "gpt2", 3, 24, 3, lr=2e-3, steps=4000, period=400, target=6.0, note=_PROV),
-    _lm("pydocs-3-24", "python_docs", "gpt2", 3, 24, 3, lr=2e-3, steps=4000, period=400, target=6.0, note=_PROV),
+    _lm("austen-llama-3-64", "austen", "llama", 3, 64, 4, kv_heads=2, intermediate=172, lr=4e-3, steps=3000,
+        period=300, target=4.6, note="provisional: guessed from austen-3-64 (4.61); the calibration run was "
+                                     "paused at step 100"),
+    # unseen corpora (lr from the austen-3-24 grid)
+    _lm("bible-3-24", "bible", "gpt2", 3, 24, 3, lr=8e-3, steps=4000, period=400, target=5.5, note=_PROV),
+    _lm("pydocs-3-24", "python_docs", "gpt2", 3, 24, 3, lr=8e-3, steps=4000, period=400, target=5.5, note=_PROV),
     # GPT-2 BPE: the 50,257 x 24 embedding is 98% of the parameters and its logits dominate the step
     # time, so the batch is 8 windows of 64 tokens (~256 bytes each) and the budget 1000 steps
-    _lm("austen-3-24-bpe", "austen", "gpt2", 3, 24, 3, tokenizer="gpt2", lr=2e-3, steps=1000, period=100,
+    _lm("austen-3-24-bpe", "austen", "gpt2", 3, 24, 3, tokenizer="gpt2", lr=4e-3, steps=1000, period=100,
         target=300.0, note=_PROV, batch_size=8, context=64, eval_every=50),
 ]}
 
@@ -150,6 +157,37 @@ def get_task(name: Union[str, Task]) -> Task:
     except KeyError:
         raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
                        "(`nowcast tasks` lists them with their settings)") from None
+
+
+def target_from_run(task: Union[str, Task], eval_steps: list[int], scores: list[float],
+                    last_fraction: float = 0.1) -> float:
+    """The calibration rule for targets (``docs/tasks.md``), applied to one tuned AdamW run.
+
+    - accuracy (noisy from one evaluation to the next): the best score over the last
+      ``last_fraction`` of the run, rounded down to 0.1 points;
+    - perplexity (smooth and still falling at the end of a CPU budget): the best score by
+      ``1 - last_fraction`` of the run (the score at 90% of the budget), rounded up to 3
+      significant digits. Taking the very end instead would put the target on AdamW's last step,
+      where any seed that ends a hair worse never reaches it.
+
+    Either way tuned AdamW reaches the target near the end of its budget, like the paper's FM/16
+    target (Adam reaches 89.5% after about 8,600 to 9,400 of 10,000 steps).
+    """
+    task = get_task(task)
+    end = max(eval_steps)
+    cut = end * (1 - last_fraction)
+    if task.higher_is_better():
+        pool = [v for s, v in zip(eval_steps, scores) if s > cut and math.isfinite(v)]
+    else:
+        pool = [v for s, v in zip(eval_steps, scores) if 0 < s <= cut + 1e-9 and math.isfinite(v)]
+    if not pool:
+        raise ValueError(f"no finite evaluation in the window the rule needs (last_fraction={last_fraction}); "
+                         "evaluate more often")
+    if task.higher_is_better():
+        return math.floor(max(pool) * 10 + 1e-9) / 10
+    best = min(pool)
+    q = 10.0 ** (math.floor(math.log10(best)) - 2)
+    return round(math.ceil(best / q - 1e-9) * q, 10)
 
 
 # ---- models ----------------------------------------------------------------------------------------
