@@ -139,8 +139,9 @@ def _plot(task: Any, runs: list[dict], path: Path) -> None:
     ax.set_xlabel("training step")
     if task.metric == "accuracy":
         ax.set_ylabel("validation accuracy (%)")
-        lo = min(min(r["scores"][1:] or r["scores"]) for r in runs)
-        ax.set_ylim(max(lo, task.target - 15), 100)
+        lo = min(min(r["scores"][1:] or r["scores"]) for r in runs)  # step 0 is chance level: leave it out
+        hi = max(max(r["scores"]) for r in runs)
+        ax.set_ylim(max(0.0, min(lo, task.target) - 2), min(100.0, max(hi, task.target) + 1))
     else:
         ax.set_ylabel("validation perplexity")
         ax.set_yscale("log")
