@@ -37,7 +37,7 @@ __all__ = ["Task", "TaskData", "TASKS", "get_task", "build_model", "example_inpu
 LM_CONTEXT = 128        # tokens per window (the paper: 1024; shortened for a 2-core CPU)
 LM_VAL_WINDOWS = 256    # fixed held-out windows per language task (LM_VAL_WINDOWS * LM_CONTEXT tokens)
 EVAL_BATCH_VISION = 2000
-EVAL_TOKENS_PER_BATCH = 4096  # LM eval batch = this many tokens (bounds the logits' memory for BPE)
+EVAL_LOGITS_PER_BATCH = 1 << 22  # LM eval batches hold at most this many logits (16 MB; matters for BPE)
 
 
 @dataclass(frozen=True)
@@ -391,7 +391,8 @@ def evaluate(task: Union[str, Task], model: nn.Module, data: TaskData) -> float:
                 y = data.val_y[i:i + EVAL_BATCH_VISION].to(device)
                 correct += int((_logits(task, model, x).argmax(-1) == y).sum())
             return 100.0 * correct / len(data.val_x)
-        per = max(1, EVAL_TOKENS_PER_BATCH // data.val_x.shape[1])
+        vocab = task.arch.get("vocab", 256)
+        per = max(1, EVAL_LOGITS_PER_BATCH // (data.val_x.shape[1] * vocab))
         total, count = 0.0, 0
         for i in range(0, len(data.val_x), per):
             x, y = data.val_x[i:i + per].to(device), data.val_y[i:i + per].to(device)
