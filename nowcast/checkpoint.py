@@ -203,6 +203,8 @@ def _load_own(path: Path) -> Nowcaster:
         weights, config = path / WEIGHTS, path / CONFIG
     else:
         weights, config = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        if path.name == WEIGHTS and not config.exists():  # the file ``save(nowcaster, directory)`` returned
+            config = path.parent / CONFIG
     for f in (config, weights):
         if not f.exists():
             raise CheckpointError(f"{path}: {f.name} is missing; a saved nowcaster is {WEIGHTS} + {CONFIG} in a "
