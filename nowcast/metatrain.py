@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import save as save_nowcaster
+from .collect import load_trajectories
 from .gnn import NiNoGNN
 from .heads import MLPHead
 from .scaling import scale
 
-STATES_FILE, META_FILE = "states.f16", "meta.json"
+META_FILE = "meta.json"
 CKPT_DIR, LOG_FILE, PLOT_FILE, CONFIG_FILE, SUMMARY_FILE = "checkpoints", "log.jsonl", "loss.png", "config.json", \
     "summary.json"
 NOWCASTER_DIR = "nowcaster"
@@ -55,39 +56,13 @@ class MetaTrainError(ValueError):
 
 
 # ---- trajectory stores -----------------------------------------------------------------------------
-STORE_FORMAT = "nowcast-trajectories/1"
-
-
-def _read_store(path: Path) -> tuple[np.memmap, dict, list[int]]:
-    """Read a store in the collector's format: (states memmap, meta, complete run ids).
-
-    Used only when ``nowcast.collect`` cannot be imported; ``collect.load_trajectories`` is the
-    reference reader.
-    """
-    meta_path = path / META_FILE
-    if not meta_path.exists():
-        raise MetaTrainError(f"{path}: no trajectory store here (no {META_FILE}); collect one with "
-                             "`python -m nowcast.collect --task TASK --out DIR` and pass --data DIR")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != STORE_FORMAT:
-        raise MetaTrainError(f"{meta_path} has format {meta.get('format')!r}, expected {STORE_FORMAT!r}")
-    info = meta.get("states", {})
-    shape = tuple(info.get("shape", (meta["runs"], meta["n_saves"], meta["num_params"])))
-    states = np.memmap(path / info.get("file", STATES_FILE), dtype=np.float16, mode="r", shape=shape)
-    complete = [r for r, d in enumerate(meta["done"]) if d == meta["n_saves"]]
-    return states, meta, complete
-
-
 def open_store(path: str | Path) -> tuple[np.ndarray, dict, list[int]]:
     """(states memmap (runs, n_saves, num_params) float16, meta dict, complete run ids) of a store.
 
-    ``path`` is a ``<root>/<task>`` directory written by ``python -m nowcast.collect``.
+    ``path`` is a ``<root>/<task>`` directory written by ``python -m nowcast.collect``; it is read
+    with :func:`nowcast.collect.load_trajectories`.
     """
     path = Path(path)
-    try:
-        from .collect import load_trajectories
-    except ImportError:  # the collector is optional for reading
-        return _read_store(path)
     if not (path / META_FILE).exists():
         raise MetaTrainError(f"{path}: no trajectory store here (no {META_FILE}); collect one with "
                              "`python -m nowcast.collect --task TASK --out DIR` and pass --data DIR")
