@@ -81,14 +81,15 @@ def emit(ir: ModelIR, profile: str = "nino", lpe: int = 8, centrality: bool = Fa
         return torch.tensor([len(kinds) - 1])
 
     blocks: list[Block] = []
-    offsets = dict(zip(ir.param_names, np.cumsum([0] + [math.prod(ir.states[n].shape) for n in ir.param_names])))
+    sizes = [math.prod(ir.states[n].shape) for n in ir.param_names]
+    offsets = dict(zip(ir.param_names, np.cumsum([0] + sizes).tolist()))
     stacks = _naive_stacks(ir, flow) if profile == "naive" and flow is not None else {}
     emitted: set[int] = set()
 
     def part_block(pname: str, lo: int, hi: int, role: str, aux=aux_node, node_fn=nodes) -> Block:
         s = ir.states[pname]
         sv, dv = flow.use.get(pname, (None, None))
-        return _block(sp, s, int(offsets[pname]), math.prod(s.shape), node_fn, aux, profile, sv, dv, (lo, hi, role))
+        return _block(sp, s, offsets[pname], math.prod(s.shape), node_fn, aux, profile, sv, dv, (lo, hi, role))
 
     def no_nodes(space: int, ver: int | None = None) -> torch.Tensor:  # sizes only: creates no node
         return torch.zeros(sum(sp.size[sp.find(leaf)] for leaf in sp.leaves(space)), dtype=torch.long)
@@ -101,10 +102,8 @@ def emit(ir: ModelIR, profile: str = "nino", lpe: int = 8, centrality: bool = Fa
             q.edge_type = T["qkv"]
         return q
 
-    offset = 0
-    for name in ir.param_names:
-        st = ir.states[name]
-        numel = math.prod(st.shape)
+    for name, numel in zip(ir.param_names, sizes):
+        st, offset = ir.states[name], offsets[name]
         src_ver, dst_ver = flow.use.get(name, (None, None)) if flow is not None else (None, None)
         parts = _qkv_parts(flow, st) if flow is not None else None
         if parts:
@@ -123,7 +122,6 @@ def emit(ir: ModelIR, profile: str = "nino", lpe: int = 8, centrality: bool = Fa
                 blocks.append(blk)
         else:
             blocks.append(_block(sp, st, offset, numel, nodes, aux_node, profile, src_ver, dst_ver))
-        offset += numel
     extra: list[AuxEdges] = []
     if flow is not None:
         extra = _transformer_aux(sp, flow, nodes, aux_node, heads=profile == "nino")
@@ -149,7 +147,7 @@ def emit(ir: ModelIR, profile: str = "nino", lpe: int = 8, centrality: bool = Fa
         is_aux = torch.tensor([k == "aux" for k in kinds], dtype=torch.float32)[:, None]
         cols += [pinned, is_aux, _position_code(node_labels)]
     graph = NeuralGraph(
-        profile=profile, num_nodes=V, num_params=offset, param_names=list(ir.param_names),
+        profile=profile, num_nodes=V, num_params=sum(sizes), param_names=list(ir.param_names),
         param_shapes=[ir.states[n].shape for n in ir.param_names], blocks=blocks, aux=aux,
         node_features=torch.cat(cols, 1), node_labels=node_labels, node_kind=kinds,
         node_space=torch.tensor(spaces_of, dtype=torch.long), max_feat=max_feat, lpe=lpe,
