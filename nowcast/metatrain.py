@@ -813,7 +813,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m nowcast.metatrain",
         description="Meta-train the NiNo GNN on collected trajectories (docs/metatrain.md). Reruns with the same "
                     "--out resume from the newest checkpoint.")
-    p.add_argument("--data", required=True, help="trajectory root: one <task>/ store (states.f16, meta.json) per task")
+    p.add_argument("--data", required=True,
+                   help="trajectory root(s), comma-separated: each holds one <task>/ store (states.f16, meta.json) "
+                        "per task; every root must hold every task in --tasks (more runs of the same task: "
+                        "collect them into a second root)")
     p.add_argument("--tasks", required=True, help="comma-separated task names (nowcast.tasks), e.g. fm16,austen-3-24")
     p.add_argument("--out", default="runs/metatrain", help="output directory (checkpoints, log, plot, nowcaster)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
@@ -871,14 +874,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe = NiNoGNN(**model_cfg)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     tasks, info = [], []
+    roots = [r.strip() for r in args.data.split(",") if r.strip()]
     for name in names:
         graph, ir = compile_task(name, lpe=probe.lpe)
-        td = load_task(name, Path(args.data) / name, graph, period=cfg.period, ctx=probe.ctx,
-                       horizon=probe.max_horizon, val_fraction=cfg.val_fraction, ir=ir, max_runs=cfg.max_runs)
-        tasks.append(td)
-        info.append({"task": name, "runs": int(td.states.shape[0]), "train_runs": len(td.train_runs),
-                     "val_runs": len(td.val_runs), "save_every": td.save_every, "stride_saves": td.stride,
-                     "num_params": td.num_params, "edges": td.graph.num_edges})
+        for root in roots:  # one TrajectoryTask per store; each store holds out its own last runs
+            td = load_task(name, Path(root) / name, graph, period=cfg.period, ctx=probe.ctx,
+                           horizon=probe.max_horizon, val_fraction=cfg.val_fraction, ir=ir, max_runs=cfg.max_runs)
+            tasks.append(td)
+            info.append({"task": name, "store": str(Path(root) / name), "runs": int(td.states.shape[0]),
+                         "train_runs": len(td.train_runs), "val_runs": len(td.val_runs), "save_every": td.save_every,
+                         "stride_saves": td.stride, "num_params": td.num_params, "edges": td.graph.num_edges})
     trainer = MetaTrainer(tasks, cfg, args.out, device=args.device, progress=not args.no_progress, task_info=info)
     summary = trainer.run(resume=True if args.resume else None)
     print(f"step {summary['step']}/{summary['steps']}: train loss {summary['train_loss']:.5f} (mean of the last "

@@ -36,7 +36,7 @@ __all__ = ["Task", "TaskData", "TASKS", "get_task", "build_model", "example_inpu
 
 LM_CONTEXT = 128        # tokens per window (the paper: 1024; shortened for a 2-core CPU)
 LM_VAL_WINDOWS = 256    # fixed held-out windows per language task (LM_VAL_WINDOWS * LM_CONTEXT tokens)
-EVAL_BATCH_VISION = 2000
+EVAL_BATCH_VISION = 256  # 2.4x faster than 2000 on one CPU thread (cache-sized im2col buffers)
 EVAL_LOGITS_PER_BATCH = 1 << 22  # LM eval batches hold at most this many logits (16 MB; matters for BPE)
 
 

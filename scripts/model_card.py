@@ -22,24 +22,31 @@ def sha256(path: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--traj", type=Path, required=True, help="the trajectory store (<root>/fm16)")
+    p.add_argument("--traj", type=Path, nargs="+", required=True, help="the trajectory stores (<root>/fm16 ...)")
     p.add_argument("--run", type=Path, required=True, help="the meta-training output directory")
-    p.add_argument("--max-runs", type=int, required=True)
+    p.add_argument("--max-runs", type=int, default=None, help="runs used per store (default: all)")
     args = p.parse_args()
-    meta = json.loads((args.traj / "meta.json").read_text())
+    metas = [json.loads((t / "meta.json").read_text()) for t in args.traj]
     cfg = json.loads((args.run / "config.json").read_text())
     summary = json.loads((args.run / "summary.json").read_text())
     log = [json.loads(x) for x in (args.run / "log.jsonl").read_text().splitlines() if x.strip()]
     sec = sum(r.get("sec", 0.0) for r in log)
     vals = [(r["step"], r["val_loss"]) for r in log if r.get("val_loss") is not None]
-    used = list(range(args.max_runs))
-    lrs = meta.get("lrs") or [None] * meta["runs"]
-    seeds = meta.get("seeds") or list(range(meta["runs"]))
-    wall = meta.get("wall_s")
+    meta = metas[0]
+    per_store = [m["runs"] if args.max_runs is None else min(args.max_runs, m["runs"]) for m in metas]
+    n_used = sum(per_store)
+    seeds, lrs, done, coll_s, wall = [], [], [], 0.0, 0.0
+    for m, n in zip(metas, per_store):
+        seeds += (m.get("seeds") or list(range(m["runs"])))[:n]
+        lrs += (m.get("lrs") or [None] * m["runs"])[:n]
+        done += m["done"][:n]
+        coll_s += sum(m.get("group_wall_s", [])[:n])
+        wall += m.get("wall_s") or 0.0
     weights, config = CKPT / "nino_ours.safetensors", CKPT / "nino_ours.json"
     if (args.run / "loss.png").exists():
         shutil.copyfile(args.run / "loss.png", ROOT / "docs" / "model_card_loss.png")
     c = cfg.get("config", cfg)
+    n_val = sum(max(1, round(c.get("val_fraction", 0.1) * n)) if n > 1 else 0 for n in per_store)
     lines = [
         "# Model card: `nino_ours` (the nowcaster shipped with neural-nowcasting)",
         "",
@@ -56,10 +63,10 @@ def main() -> None:
         f"- Task `{meta['task']}` (Fashion-MNIST, the paper's FM/16 network, AdamW, batch 128), collected with",
         "  `bash scripts/make_checkpoint.sh collect`: runs trained with `torch.optim.AdamW`, parameters saved every",
         f"  {meta['save_every']} steps over {meta['steps']:,} steps.",
-        f"- Runs used: the store's first {args.max_runs} (seeds {[seeds[i] for i in used]}, learning rates "
-        f"{[round(lrs[i], 5) if lrs[i] else None for i in used]}); the last "
-        f"{max(1, round(c.get('val_fraction', 0.1) * args.max_runs)) if args.max_runs > 1 else 0} held out for validation.",
-        f"- Saves complete per run at training time: {meta['done'][: args.max_runs]} of {meta['n_saves']}.",
+        f"- Stores: {', '.join(f'`{t}` ({n} runs)' for t, n in zip(args.traj, per_store))}; {n_used} runs in all "
+        f"(seeds {seeds}, learning rates {[round(x, 5) if x else None for x in lrs]}); the last run of each store, "
+        f"{n_val} in all, held out for validation.",
+        f"- Saves complete per run at training time: {done} of {meta['n_saves']}.",
         "- The benchmark seeds (0, 1, 2) are not among the meta-training seeds.",
         "",
         "## Training",
@@ -74,8 +81,8 @@ def main() -> None:
         "- Loss curves: `docs/model_card_loss.png`.",
         "",
         "## Compute",
-        f"- Collection: {round(sum(meta.get('group_wall_s', [])[: args.max_runs]))} s wall for the {args.max_runs} runs "
-        f"used ({round(wall or 0)} s for the whole store so far), CPU, {meta['machine'].get('cpu_count')} cores, "
+        f"- Collection: {round(coll_s)} s wall for the {n_used} runs "
+        f"used ({round(wall)} s for the whole stores so far), CPU, {meta['machine'].get('cpu_count')} cores, "
         f"{meta['machine'].get('torch_threads')} torch thread, a machine shared with other jobs.",
         f"- Meta-training: {sec:,.0f} s of step time, CPU ({platform.machine()}), one thread.",
         "",

@@ -342,3 +342,20 @@ def test_cli(store, graph_ir, tmp_path, monkeypatch, capsys):
     assert nowcast.load(tmp_path / "run" / "nowcaster").config["hidden"] == 16
     with pytest.raises(mt.MetaTrainError, match="no checkpoint"):
         mt.main(common + ["--out", str(tmp_path / "other"), "--resume"])
+
+
+def test_cli_reads_several_stores_of_one_task(store, graph_ir, tmp_path, monkeypatch):
+    """``--data a,b``: each root's store becomes its own task with its own held-out runs."""
+    second = write_store(tmp_path / "second", done_last=12)
+    monkeypatch.setattr(mt, "compile_task", lambda name, lpe=8: graph_ir)
+    out = tmp_path / "run"
+    assert mt.main(["--data", f"{store.parent},{second.parent}", "--tasks", "tiny", "--steps", "2", "--batch", "2",
+                    "--period", str(PERIOD), "--hidden", "16", "--layers", "2", "--no-progress",
+                    "--val-windows", "2", "--out", str(out)]) == 0
+    tasks = json.loads((out / "config.json").read_text())["tasks"]
+    assert [t["store"] for t in tasks] == [str(store), str(second)]
+    assert all(t["val_runs"] == 1 and t["train_runs"] >= 1 for t in tasks)
+    with pytest.raises(mt.MetaTrainError, match="no trajectory store here"):
+        mt.main(["--data", f"{store.parent},{tmp_path / 'missing'}", "--tasks", "tiny", "--steps", "1",
+                 "--period", str(PERIOD), "--hidden", "16", "--layers", "2", "--no-progress",
+                 "--out", str(tmp_path / "run2")])
