@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # neugraph is imported lazily, only when a graph has to be co
 
 Closure = Callable[[], Union[float, torch.Tensor]]
 
-__all__ = ["NiNo", "NowcastError", "NowcastRejectedWarning"]
+__all__ = ["NiNo", "NowcastError", "NowcastRejectedWarning", "unwrap_model"]
 
 
 class NowcasterLike(Protocol):
@@ -52,9 +52,18 @@ class NowcastRejectedWarning(RuntimeWarning):
     """A nowcast was rolled back: non-finite parameters, or a non-finite or spiking loss."""
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (their
+    parameter names carry a ``module.`` prefix that the compiled graph does not have)."""
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def _collect(model_or_params: Any) -> tuple[Optional[torch.nn.Module], Optional[list[str]], list[torch.Tensor]]:
     """(module, names, params) with tied parameters once, in ``named_parameters()`` order."""
     if isinstance(model_or_params, torch.nn.Module):
+        model_or_params = unwrap_model(model_or_params)
         named = list(model_or_params.named_parameters())
         return model_or_params, [n for n, _ in named], [p for _, p in named]
     if isinstance(model_or_params, torch.Tensor):
@@ -92,8 +101,9 @@ class NiNo(torch.optim.Optimizer):
     """Wrap ``base_optimizer`` and replace one of its steps per cycle by a nowcast.
 
     Args:
-        model_or_params: the model (preferred: names, tied parameters and the graph come from it)
-            or its parameters in ``named_parameters()`` order.
+        model_or_params: the model (preferred: names, tied parameters and the graph come from it;
+            a ``DistributedDataParallel``/``DataParallel`` wrapper is unwrapped) or its parameters
+            in ``named_parameters()`` order.
         base_optimizer: any ``torch.optim.Optimizer`` over (some of) these parameters. NiNo's
             ``param_groups`` *is* its list, so LR schedulers on either object work.
         nowcaster: has ``predict(graph, states, k)`` and ``needs_graph``; ``None`` makes NiNo a
@@ -189,6 +199,10 @@ class NiNo(torch.optim.Optimizer):
         self._length_cache: tuple[int, int, int] = (-1, -1, 0)
         self.state: dict[str, Any] = {"step": 0, "cycle": 0, "cycle_start": 0, "history": [],
                                       "nowcasts": 0, "nowcasts_rejected": 0, "last_nowcast": None}
+
+    #: whether this instance records the history (False on the receiving ranks of
+    #: ``DistributedNiNo(sync="broadcast")``, which never predict)
+    _history_here: bool = True
 
     # ---- torch.optim.Optimizer plumbing ------------------------------------------------------
     def _init_hooks(self) -> None:
@@ -362,7 +376,7 @@ class NiNo(torch.optim.Optimizer):
         st = self.state
         s, cycle = st["step"], st["cycle"]
         assert self.schedule is not None and self.nowcaster is not None
-        if len(st["history"]) != self.ctx - 1:
+        if self._history_here and len(st["history"]) != self.ctx - 1:
             raise RuntimeError(f"NiNo expected {self.ctx - 1} recorded states at the nowcast of step {s}, "
                                f"found {len(st['history'])}; the state was edited or loaded inconsistently")
         k = self.schedule.k(cycle, s)
@@ -370,15 +384,12 @@ class NiNo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss_before = closure()
-        states = self._states()
         try:
-            with torch.no_grad():
-                pred = self.nowcaster.predict(self.graph, states, k)
+            pred = self._predict(k)
         except Exception as e:
             raise NowcastError(f"{type(self.nowcaster).__name__}.predict failed at step {s} (k={k}): "
                                f"{type(e).__name__}: {e}. The model's parameters and NiNo's state were not "
                                "changed; calling step() again retries the nowcast") from e
-        del states
         if not isinstance(pred, torch.Tensor) or tuple(pred.shape) != (self.num_params,):
             got = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
             raise NowcastError(f"{type(self.nowcaster).__name__}.predict returned {got}; expected a tensor of "
@@ -403,6 +414,14 @@ class NiNo(torch.optim.Optimizer):
                     self._restore(backup)
         self._finish(s, k, reason)
         return loss
+
+    def _predict(self, k: int) -> torch.Tensor:
+        """``nowcaster.predict`` on the recorded states and the current parameters.
+        (:class:`nowcast.distributed.DistributedNiNo` overrides it: one rank predicts, all receive.)"""
+        assert self.nowcaster is not None
+        states = self._states()
+        with torch.no_grad():
+            return self.nowcaster.predict(self.graph, states, k)
 
     def _bad_values(self, pred: torch.Tensor) -> Optional[str]:
         """Why ``pred`` may not be written (NaN, inf, beyond the parameter dtype's range), or None."""
