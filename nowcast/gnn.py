@@ -77,6 +77,11 @@ class NiNoGNN(Nowcaster):
 
     ``embed(graph, states)`` is the mean over all edges of the edge state after the last used
     layer (the input of the head), a (hidden,) vector.
+
+    ``stream`` True (or a dict of :func:`nowcast.stream.stream_predict` options such as ``chunk``,
+    ``dtype``, ``subgraphs``) makes ``predict`` use the streamed pass, which never holds an
+    (edges x hidden) tensor (docs/streaming.md); the attribute may be set after loading. It is not
+    part of ``config``.
     """
 
     needs_graph = True
@@ -84,8 +89,9 @@ class NiNoGNN(Nowcaster):
     def __init__(self, ctx: int = 5, hidden: int = 128, layers: int = 3, horizon: int = 40, max_feat: int = 9,
                  lpe: int = 8, edge_types: int = 15, head: str = "mlp", word_pos: bool = False,
                  vocab_size: int = 50257, centrality: bool = False, final_edge_update: bool = False,
-                 scaling: str = "std", exact_unscale: bool = False):
+                 scaling: str = "std", exact_unscale: bool = False, stream: bool | dict = False):
         super().__init__()
+        self.stream: dict | None = ({} if stream is True else dict(stream)) if stream else None
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
         if scaling not in METHODS:
@@ -165,6 +171,10 @@ class NiNoGNN(Nowcaster):
         return e
 
     def predict(self, graph, states: torch.Tensor, k: int) -> torch.Tensor:
+        if self.stream is not None:
+            from .stream import stream_predict
+
+            return stream_predict(self, graph, states, k, **self.stream)
         s = self.check(graph, states, k)
         with torch.no_grad():
             scaled, sc = scale(s, graph, self.scaling)
