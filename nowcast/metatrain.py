@@ -450,7 +450,7 @@ class MetaTrainConfig:
     amp: bool = True
     seed: int = 0
     val_fraction: float = 0.1
-    max_runs: int | None = None  # use each store's first max_runs runs only
+    max_runs: int | list[int] | None = None  # use each store's first max_runs runs only (a list: per --data root)
     val_windows: int = 64
     val_every: int = 500
     ckpt_every: int = 200
@@ -807,6 +807,15 @@ def compile_task(name: str, lpe: int = 8):
     return graph, ir
 
 
+def _max_runs(text: str) -> int | list[int]:
+    """``--max-runs`` value: ``N`` (every store) or ``N1,N2,...`` (one per ``--data`` root)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--max-runs takes N or N1,N2,... (whole numbers), got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = MetaTrainConfig()
     p = argparse.ArgumentParser(
@@ -834,8 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--permute", action="store_true",
                    help="augment each window with a random neuron permutation of its model (off by default)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (never used on CPU)")
-    p.add_argument("--max-runs", type=int, default=None,
-                   help="use only the first N runs of each store (default: all)")
+    p.add_argument("--max-runs", type=_max_runs, default=None,
+                   help="use only the first N runs of each store, or N1,N2,... one per --data root (default: all)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help=f"last fraction of each task's runs held out (default {d.val_fraction})")
     p.add_argument("--val-windows", type=int, default=d.val_windows, help=f"held-out windows (default {d.val_windows})")
@@ -875,11 +884,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     tasks, info = [], []
     roots = [r.strip() for r in args.data.split(",") if r.strip()]
+    limits = cfg.max_runs if isinstance(cfg.max_runs, list) else [cfg.max_runs] * len(roots)
+    if len(limits) != len(roots):
+        raise MetaTrainError(f"--max-runs gives {len(limits)} values for {len(roots)} --data roots; give one value, "
+                             "or one per root in the same order")
     for name in names:
         graph, ir = compile_task(name, lpe=probe.lpe)
-        for root in roots:  # one TrajectoryTask per store; each store holds out its own last runs
+        for root, limit in zip(roots, limits):  # one TrajectoryTask per store; each holds out its own last runs
             td = load_task(name, Path(root) / name, graph, period=cfg.period, ctx=probe.ctx,
-                           horizon=probe.max_horizon, val_fraction=cfg.val_fraction, ir=ir, max_runs=cfg.max_runs)
+                           horizon=probe.max_horizon, val_fraction=cfg.val_fraction, ir=ir, max_runs=limit)
             tasks.append(td)
             info.append({"task": name, "store": str(Path(root) / name), "runs": int(td.states.shape[0]),
                          "train_runs": len(td.train_runs), "val_runs": len(td.val_runs), "save_every": td.save_every,

@@ -355,6 +355,15 @@ def test_cli_reads_several_stores_of_one_task(store, graph_ir, tmp_path, monkeyp
     tasks = json.loads((out / "config.json").read_text())["tasks"]
     assert [t["store"] for t in tasks] == [str(store), str(second)]
     assert all(t["val_runs"] == 1 and t["train_runs"] >= 1 for t in tasks)
+    limited = tmp_path / "limited"
+    assert mt.main(["--data", f"{store.parent},{second.parent}", "--tasks", "tiny", "--steps", "1", "--batch", "2",
+                    "--period", str(PERIOD), "--hidden", "16", "--layers", "2", "--no-progress",
+                    "--val-windows", "2", "--max-runs", f"{RUNS},2", "--out", str(limited)]) == 0
+    tasks = json.loads((limited / "config.json").read_text())["tasks"]
+    assert [t["train_runs"] + t["val_runs"] for t in tasks] == [RUNS, 2]
+    with pytest.raises(mt.MetaTrainError, match="2 values for 1 --data roots"):
+        mt.main(["--data", str(store.parent), "--tasks", "tiny", "--steps", "1", "--period", str(PERIOD),
+                 "--max-runs", "2,2", "--out", str(tmp_path / "run3")])
     with pytest.raises(mt.MetaTrainError, match="no trajectory store here"):
         mt.main(["--data", f"{store.parent},{tmp_path / 'missing'}", "--tasks", "tiny", "--steps", "1",
                  "--period", str(PERIOD), "--hidden", "16", "--layers", "2", "--no-progress",
