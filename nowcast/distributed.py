@@ -2,16 +2,19 @@
 
 Under DDP every rank holds a full replica; gradients are all-reduced, so every base step is the
 same on every rank. A nowcast has no gradients to reduce, so :class:`DistributedNiNo` makes it the
-same on every rank in one of two ways (``sync=``, measured in ``docs/distributed.md``):
+same on every rank in one of two ways (``sync=``; measured in ``docs/distributed.md``):
 
-- ``"everywhere"`` (default): every rank records its own history and computes the nowcast from
-  identical inputs. A deterministic nowcaster on the same hardware and library versions gives
-  bitwise the same result with no communication. After each nowcast a 16-byte fingerprint of the
-  parameters is all-gathered (``verify=True``); if a rank differs, the ``src`` rank's parameters
-  are broadcast to all and a :class:`RanksDivergedWarning` says so.
-- ``"broadcast"``: only ``src`` records the history and predicts; the prediction is broadcast.
-  The other ranks hold no history (``(ctx - 1) * num_params`` values less each) and skip the
-  nowcaster's compute; every nowcast costs one broadcast of ``num_params`` values.
+- ``"broadcast"`` (default): only ``src`` records the history and predicts; the prediction is
+  broadcast. Identical parameters by construction, whatever the hardware; the other ranks hold no
+  history (``(ctx - 1) * num_params`` values less each) and leave their cores or accelerator to
+  other work; each nowcast costs one broadcast of ``num_params`` values.
+- ``"everywhere"``: every rank records its own history and computes the nowcast from identical
+  inputs. A deterministic nowcaster on the same hardware and library versions gives bitwise the
+  same result with no communication, at ``ranks`` times the compute and history memory.
+
+With ``verify=True`` (default) a 16-byte fingerprint of the parameters is all-gathered after each
+nowcast; if a rank differs, the ``src`` rank's parameters are broadcast to all and a
+:class:`RanksDivergedWarning` says so.
 
 With ``step(closure)`` the closure's loss is averaged over the ranks before the safety check, so
 every rank accepts or rejects the same nowcast.
@@ -37,7 +40,7 @@ ParamsLike = Union[torch.nn.Module, Iterable[torch.Tensor]]
 # dtypes a prediction may have when it is broadcast (its index travels in the header)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_HASH_MOD = 65_521  # weights 1..65521 by position: a swap of two elements changes the fingerprint
+_BLOCK = 256  # elements per block of the fingerprint's position-weighted sum
 
 
 class RanksDivergedWarning(RuntimeWarning):
@@ -73,21 +76,28 @@ def _comm_device(group: Optional[dist.ProcessGroup], like: torch.device) -> torc
 
 
 def param_fingerprint(model_or_params: ParamsLike) -> torch.Tensor:
-    """(2,) int64 on the CPU: two position-weighted sums of the parameters' bit patterns.
+    """(2,) int64 on the CPU: two sums of the parameters' bit patterns, one weighted by position.
 
-    Equal parameters give equal fingerprints on every rank, whatever the summation order (integer
-    sums wrap and are associative); a difference in any bit of any element changes them except
-    with negligible probability. Cost: one pass over the parameters, no copy of them."""
+    The elements of each tensor are summed as integers (their bits) in blocks of ``_BLOCK``; the
+    block sums are added once plainly and once weighted by block position. Integer sums wrap and are
+    associative, so equal parameters give equal fingerprints on every rank whatever the summation
+    order; any changed bit changes the plain sum unless other changes cancel it exactly. Cost: one
+    read of the parameters (no int64 copy of them)."""
     total = torch.zeros(2, dtype=torch.int64)
     for i, p in enumerate(_params(model_or_params)):
         flat = p.detach().reshape(-1)
-        if flat.numel() == 0:
+        n = flat.numel()
+        if n == 0:
             continue
-        bits = flat.view(_INT_VIEW[flat.element_size()]).to(torch.int64)
+        bits = flat.view(_INT_VIEW[flat.element_size()])
         if flat.element_size() == 1:
-            bits = bits & 0xFF
-        w = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % _HASH_MOD + 1 + i
-        total += torch.stack([(bits * w).sum(), bits.sum()]).cpu()
+            bits = bits.to(torch.int16)
+        main = n - n % _BLOCK
+        sums = bits[:main].view(-1, _BLOCK).sum(1, dtype=torch.int64) if main else bits.new_zeros(0, dtype=torch.int64)
+        if main < n:
+            sums = torch.cat([sums, bits[main:].sum(dtype=torch.int64).reshape(1)])
+        w = torch.arange(1 + i, 1 + i + sums.numel(), device=sums.device, dtype=torch.int64)
+        total += torch.stack([(sums * w).sum(), sums.sum()]).cpu()
     return total
 
 
@@ -137,13 +147,13 @@ class DistributedNiNo(NiNo):
     arguments; the model may be the ``DistributedDataParallel`` wrapper or the module inside.
 
     Args:
-        sync: ``"everywhere"`` (every rank computes the nowcast) or ``"broadcast"`` (``src``
-            computes and broadcasts; the other ranks keep no history). See the module docstring.
+        sync: ``"broadcast"`` (``src`` computes and broadcasts; the other ranks keep no history)
+            or ``"everywhere"`` (every rank computes the nowcast). See the module docstring.
         src: the global rank that predicts (``"broadcast"``) and whose parameters win a repair.
         group: the process group (default: the world).
         verify: check that all ranks hold the same parameters at construction (raise if not) and
             after every nowcast (repair from ``src`` with a warning if not). One all-gather of two
-            int64 per rank and one pass over the parameters each time.
+            int64 per rank and one read of the parameters each time.
         *args, **kwargs: as for :class:`nowcast.NiNo`.
 
     ``state["repairs"]`` counts the nowcasts after which ranks differed. Checkpoints: save the
@@ -152,12 +162,12 @@ class DistributedNiNo(NiNo):
     """
 
     def __init__(self, model_or_params: Any, base_optimizer: torch.optim.Optimizer, *args: Any,
-                 sync: str = "everywhere", src: int = 0, group: Optional[dist.ProcessGroup] = None,
+                 sync: str = "broadcast", src: int = 0, group: Optional[dist.ProcessGroup] = None,
                  verify: bool = True, **kwargs: Any) -> None:
         _require_dist()
         if sync not in ("everywhere", "broadcast"):
-            raise ValueError(f"sync must be 'everywhere' (every rank computes the nowcast) or 'broadcast' (rank src "
-                             f"computes and broadcasts), got {sync!r}")
+            raise ValueError(f"sync must be 'broadcast' (rank src computes and broadcasts) or 'everywhere' (every "
+                             f"rank computes the nowcast), got {sync!r}")
         world = dist.get_world_size(group)
         if not isinstance(src, int) or not 0 <= src < dist.get_world_size():
             raise ValueError(f"src must be a global rank in 0..{dist.get_world_size() - 1}, got {src!r}")

@@ -125,19 +125,20 @@ def worker_edge_cases(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     result: dict = {}
     try:
-        # 1. a rank-dependent nowcaster: everywhere mode detects it and copies rank 0's parameters
-        model = make_model()
-        ddp = DDP(model)
+        # 1. a rank-dependent nowcaster: "everywhere" detects it and copies rank 0's parameters;
+        #    "broadcast" never runs it on rank 1
         x, _ = global_batch(0)
-        opt = DistributedNiNo(ddp, torch.optim.AdamW(ddp.parameters(), lr=1e-2), RankSkewed(), period=PERIOD,
-                              ctx=CTX, total_steps=STEPS, example_inputs=x)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            after, _ = train(model, opt, ddp, rank, world)
-        result["repairs"] = opt.state["repairs"]
-        result["diverged_warnings"] = sum(issubclass(w.category, RanksDivergedWarning) for w in caught)
-        result["after"] = after
-        result["identical_now"] = params_identical(model)
+        for sync in ("everywhere", "broadcast"):
+            model = make_model()
+            ddp = DDP(model)
+            opt = DistributedNiNo(ddp, torch.optim.AdamW(ddp.parameters(), lr=1e-2), RankSkewed(), period=PERIOD,
+                                  ctx=CTX, total_steps=STEPS, example_inputs=x, sync=sync)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                after, _ = train(model, opt, ddp, rank, world)
+            result[sync] = {"repairs": opt.state["repairs"], "after": after,
+                            "diverged_warnings": sum(issubclass(w.category, RanksDivergedWarning) for w in caught),
+                            "identical_now": params_identical(model)}
 
         # 2. spike check on the averaged loss: rank 1's local loss alone would reject, the mean does not
         model = make_model()

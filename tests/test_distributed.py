@@ -76,9 +76,12 @@ def edge_runs(tmp_path_factory):
     return [torch.load(out / f"edge_rank{r}.pt") for r in (0, 1)]
 
 
-def test_rank_dependent_nowcaster_is_detected_and_repaired(edge_runs):
-    r0, r1 = edge_runs
-    assert r0["repairs"] == r1["repairs"] == 2 and r0["diverged_warnings"] == r1["diverged_warnings"] == 2
+@pytest.mark.parametrize("sync,repairs", [("everywhere", 2), ("broadcast", 0)])
+def test_rank_dependent_nowcaster_is_detected_and_repaired(edge_runs, sync, repairs):
+    r0, r1 = edge_runs[0][sync], edge_runs[1][sync]
+    assert r0["repairs"] == r1["repairs"] == repairs
+    assert r0["diverged_warnings"] == r1["diverged_warnings"] == repairs
+    assert len(r0["after"]) == 2
     for a, b in zip(r0["after"], r1["after"]):
         assert torch.equal(a, b)
     assert r0["identical_now"] and r1["identical_now"]
