@@ -59,7 +59,9 @@ from .base import keep_frozen
 from .heads import MLPHead
 from .scaling import EPS, Scales, scale, unscale
 
-DEFAULT_CHUNK = 1 << 14
+DEFAULT_CHUNK = 1 << 13
+STATS_ROWS = 1 << 16  # rows per float64 block when computing per-tensor statistics
+OUTER_MIN_SOURCES = 16  # layers > 0: per-target (dim x D) products when a target has this many sources in a tile
 
 
 # ---- composed weights ------------------------------------------------------------------------------
@@ -147,13 +149,14 @@ class Source:
 
 @dataclass
 class Tile:
-    """A rectangle of edges, targets along axis 0 and sources along axis 1.
+    """A rectangle of edges, sources along axis 0 and targets along axis 1 (source-major, so that
+    sums over sources of products with source states are single matrix products).
 
-    ``f``: (targets, sources, width * T) scaled features, slot-major. ``tgt``: node ids (targets,).
-    ``src``: node ids (sources,) shared by every target row (a dense block), or (targets,) one source
-    per target row (auxiliary edges, ``sources == 1``). ``t_slice`` / ``s_slice``: the same ids as a
-    slice of the node range when contiguous. ``write`` maps (targets, sources, width) scaled
-    predictions to the parameters (None for auxiliary edges).
+    ``f``: (sources, targets, width * T) scaled features, slot-major, contiguous. ``tgt``: node ids
+    (targets,). ``src``: node ids (sources,) shared by every target (a dense block), or (targets,)
+    one source per target (auxiliary edges; ``f`` then has one row). ``t_slice`` / ``s_slice``: the
+    same ids as a slice of the node range when contiguous. ``write`` maps (sources, targets, width)
+    scaled predictions to the parameters (None for auxiliary edges).
     """
 
     f: torch.Tensor
@@ -189,7 +192,7 @@ class _Scaler:
     tensor in row chunks (no copy of the states); the per-element methods work per tile.
     """
 
-    def __init__(self, graph, states: torch.Tensor, method: str, chunk_rows: int = 1 << 20):
+    def __init__(self, graph, states: torch.Tensor, method: str, chunk_rows: int = STATS_ROWS):
         self.method = method
         sizes = list(graph.param_sizes)
         self.starts = [0]
@@ -340,22 +343,28 @@ class _Stream:
         return deg.clamp_(min=1).float()
 
     def tiles(self, with_write: bool) -> Iterator[Tile]:
-        """Every edge once, in tiles of at most ``chunk`` edges, targets along axis 0."""
+        """Every edge once, in tiles of at most ``chunk`` edges (see :class:`Tile`)."""
         T, chunk = self.T, self.chunk
         for s, view, first_sl, second_sl in self.sources:
             if view is None:
+                if with_write:
+                    continue  # auxiliary edges have no parameters to predict
                 n = s.src.numel()
                 for a in range(0, n, chunk):
                     z = min(n, a + chunk)
-                    f = self.states.new_zeros(z - a, 1, T)
-                    f[:, :, :] = s.value  # slot 0 holds the value for every t; other slots are 0
+                    f = self.states.new_zeros(1, z - a, T)
+                    f.fill_(s.value)  # slot 0 holds the value for every t; other slots are 0
                     yield Tile(f, s.dst[a:z], s.src[a:z], False, s.edge_type, 1)
                 continue
             b = s.block
             rpg = view.rows // view.groups
             cols = view.cols
-            c_step = min(cols, chunk)
-            r_step = max(1, chunk // c_step)
+            # many sources per target: the source axis gets up to ``chunk`` edges, targets the rest
+            n_src = rpg if b.src_is_first else cols
+            s_step = min(n_src, chunk)
+            t_step = max(1, chunk // s_step)
+            r_step, c_step = (s_step, t_step) if b.src_is_first else (t_step, s_step)
+            c_step = min(c_step, cols)
             for g in range(view.groups):
                 for r0 in range(g * rpg, (g + 1) * rpg, r_step):
                     r1 = min((g + 1) * rpg, r0 + r_step)
@@ -370,37 +379,49 @@ class _Stream:
                                                                    second_sl.start + off + c1)
                         write = None
                         if with_write:
-                            def write(p, scales=scales, r0=r0, r1=r1, c0=c0, c1=c1, flip=b.src_is_first,
+                            def write(p, scales=scales, r0=r0, r1=r1, c0=c0, c1=c1, flip=not b.src_is_first,
                                       view=view):
                                 if flip:
                                     p = p.transpose(0, 1)
                                 view.write(self.scaler, self.model.exact_unscale, scales, p, r0, r1, c0, c1)
                         f = f.reshape(r1 - r0, c1 - c0, width * T)
-                        if b.src_is_first:  # targets are the second axis: put them first
-                            yield Tile(f.transpose(0, 1), cid, rid, True, s.edge_type, width, csl, rsl, write)
-                        else:
+                        if b.src_is_first:
+                            yield Tile(f.contiguous(), cid, rid, True, s.edge_type, width, csl, rsl, write)
+                        else:  # sources are the second axis: put them first
+                            f = f.transpose(0, 1).contiguous()
                             yield Tile(f, rid, cid, True, s.edge_type, width, rsl, csl, write)
 
     # -- per-tile arithmetic --------------------------------------------------------------------------
     def _node(self, x: torch.Tensor, tile: Tile, target: bool) -> torch.Tensor:
-        """Node rows for the tile's targets (targets, 1, D) or sources ((1 or targets), sources', D)."""
+        """Node rows broadcastable to (sources, targets, D): targets (1, t, D), sources (s, 1, D)
+        for a dense block and (1, t, D) for auxiliary edges."""
         if target:
-            return _take(x, tile.tgt, tile.t_slice)[:, None]
+            return _take(x, tile.tgt, tile.t_slice)[None]
         rows = _take(x, tile.src, tile.s_slice)
-        return rows[None] if tile.shared_src else rows[:, None]
+        return rows[:, None] if tile.shared_src else rows[None]
 
-    def _affine(self, a: Affine, z: torch.Tensor, tile: Tile, layer: int) -> torch.Tensor:
+    @staticmethod
+    def _bias(a: Affine, tile: Tile, layer: int) -> torch.Tensor:
+        return a.bias[tile.edge_type] if layer == 0 else a.bias[0]
+
+    def _affine(self, a: Affine, z: torch.Tensor, tile: Tile, layer: int, bias: bool = True) -> torch.Tensor:
+        """``a`` applied to z (..., dim) as one matrix product (bias fused when ``bias``)."""
         w = a.weight if layer > 0 else a.weight[:, : z.shape[-1]]
-        bias = a.bias[tile.edge_type] if layer == 0 else a.bias[0]
-        return torch.matmul(z, w.T) + bias
+        z2 = z.reshape(-1, z.shape[-1])
+        out = torch.addmm(self._bias(a, tile, layer), z2, w.T) if bias else torch.mm(z2, w.T)
+        return out.view(*z.shape[:-1], w.shape[0])
 
     def chain(self, tile: Tile, upto: int, w: dict) -> torch.Tensor:
         """z_upto of the tile: its features (upto 0) or u_{upto-1}, in the compute dtype."""
         z = tile.f.to(self.dtype)
         for l in range(upto):
-            h = self._affine(w["edge"][l], z, tile, l)
-            h += self._node(w["T"][l], tile, True)
-            h += self._node(w["S"][l], tile, False)
+            h = self._affine(w["edge"][l], z, tile, l, bias=False)
+            per_target = self._node(w["T"][l], tile, True) + self._bias(w["edge"][l], tile, l)
+            if tile.shared_src:
+                h += per_target
+                h += self._node(w["S"][l], tile, False)
+            else:  # one source per target: one add
+                h += per_target + self._node(w["S"][l], tile, False)
             z = F.silu(h, inplace=True)
         return z
 
@@ -411,25 +432,27 @@ class _Stream:
         sc_map, sh_map = w["scale"][l], w["shift"][l]
         p_t, p_s = w["Pt"], w["Ps"]
         for tile in self.tiles(False):
-            z = self.chain(tile, l, w)
-            n_src = z.shape[1]
-            zsum = z.sum(1)  # (targets, dim)
+            z = self.chain(tile, l, w)  # (sources, targets, dim)
+            n_src, n_tgt, dim = z.shape
+            zsum = z.sum(0)  # (targets, dim)
             t_rows = _take(p_t, tile.tgt, tile.t_slice)
-            cnt = float(n_src)
-            scale_sum = self._affine(sc_map, zsum, tile, l) + (cnt - 1) * sc_map.bias[tile.edge_type if l == 0 else 0]
-            shift_sum = self._affine(sh_map, zsum, tile, l) + (cnt - 1) * sh_map.bias[tile.edge_type if l == 0 else 0]
-            part = t_rows * scale_sum + shift_sum
-            if l == 0 and tile.shared_src:
-                # sum_j scale_ij * P_s[j] = sum_k G_s[:, k] * (F_k @ P_s) + g_s * sum_j P_s[j]
+            g_s, g_h = self._bias(sc_map, tile, l), self._bias(sh_map, tile, l)
+            w_s, w_h = sc_map.weight[:, :dim], sh_map.weight[:, :dim]
+            # sum_j scale_ij = G_s Z_i + n g_s; sum_j shift_ij = G_h Z_i + n g_h  (Z_i = sum_j z_ij)
+            part = t_rows * torch.addmm(g_s, zsum, w_s.T, beta=n_src)
+            part += torch.addmm(g_h, zsum, w_h.T, beta=n_src)
+            if tile.shared_src and (l == 0 or n_src >= OUTER_MIN_SOURCES):
+                # sum_j scale_ij * P_s[j] = sum_k G_s[:, k] * M[k] + g_s * sum_j P_s[j], per target
+                # M[i] = sum_j z_ij^T P_s[j] (dim x D): one product (targets*dim x sources) @ (sources x D)
                 s_rows = _take(p_s, tile.src, tile.s_slice)  # (sources, D)
-                k = z.shape[-1]
-                y = torch.matmul(z.transpose(1, 2), s_rows)  # (targets, k, D)
-                g = sc_map.weight[:, :k].T  # (k, D)
-                part += (y * g).sum(1) + sc_map.bias[tile.edge_type] * s_rows.sum(0)
+                m = torch.mm(z.reshape(n_src, n_tgt * dim).T, s_rows).view(n_tgt, dim, D)
+                m *= w_s.T
+                part += m.sum(1)
+                part += g_s * s_rows.sum(0)
             else:
-                s = self._affine(sc_map, z, tile, l)  # (targets, sources, D)
+                s = self._affine(sc_map, z, tile, l)  # (sources, targets, D)
                 s *= self._node(p_s, tile, False)
-                part += s.sum(1)
+                part += s.sum(0)
             acc.index_add_(0, tile.tgt, part.float())
         return acc
 
@@ -437,9 +460,7 @@ class _Stream:
         """Last sweep: head on every parameter edge, predictions written into ``out``."""
         model, L = self.model, w["L"]
         head = model.head
-        for tile in self.tiles(True):
-            if tile.write is None:
-                continue  # auxiliary edges are not mapped back
+        for tile in self.tiles(True):  # parameter edges only: auxiliary edges are not mapped back
             z = self.chain(tile, L, w)
             width = tile.width
             if w["head_in"] is not None:
@@ -450,8 +471,8 @@ class _Stream:
             else:
                 e = self._affine(w["e_last"], z, tile, L)
                 shape = e.shape
-                delta = head(e.reshape(-1, shape[-1]), int(k), width).view(*shape[:2], width)
-            newest = tile.f.unflatten(2, (width, self.T))[..., -1]
+                delta = head(e.reshape(-1, shape[-1]).float(), int(k), width).view(*shape[:2], width)
+            newest = tile.f.unflatten(2, (width, self.T))[..., -1]  # (sources, targets, width)
             tile.write(newest + delta.float())
 
     def run(self, k: int, plan: Plan) -> None:
