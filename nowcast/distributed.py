@@ -33,7 +33,7 @@ import torch.distributed as dist
 from .optim import Closure, NiNo, _as_float, unwrap_model
 
 __all__ = ["DistributedNiNo", "RanksDivergedWarning", "param_fingerprint", "params_identical",
-           "assert_identical", "broadcast_params"]
+           "assert_identical", "broadcast_params", "averaged_closure"]
 
 ParamsLike = Union[torch.nn.Module, Iterable[torch.Tensor]]
 
@@ -140,6 +140,18 @@ def broadcast_params(model_or_params: ParamsLike, src: int = 0, group: Optional[
             p.copy_(buf)
 
 
+def averaged_closure(closure: Closure, group: Optional[dist.ProcessGroup] = None) -> Closure:
+    """``closure`` with its loss averaged over the ranks of ``group`` (an all-reduce per call), so
+    that a decision taken on the loss is the same on every rank."""
+    def run() -> Any:
+        loss = closure()
+        t = torch.tensor([_as_float(loss)], dtype=torch.float64, device=_comm_device(group, torch.device("cpu")))
+        dist.all_reduce(t, group=group)
+        mean = t.cpu()[0] / dist.get_world_size(group)
+        return mean.to(loss.dtype) if isinstance(loss, torch.Tensor) and loss.is_floating_point() else mean
+    return run
+
+
 class DistributedNiNo(NiNo):
     """:class:`nowcast.NiNo` for data-parallel training: identical parameters on every rank.
 
@@ -226,19 +238,8 @@ class DistributedNiNo(NiNo):
         dist.broadcast(buf, src=self.src, group=self.group)
         return buf
 
-    def _averaged(self, closure: Closure) -> Closure:
-        """The closure, with its loss averaged over the ranks (every rank then decides alike)."""
-        def run() -> torch.Tensor:
-            loss = closure()
-            t = torch.tensor([_as_float(loss)], dtype=torch.float64,
-                             device=_comm_device(self.group, torch.device("cpu")))
-            dist.all_reduce(t, group=self.group)
-            mean = t.cpu() / self.world_size
-            return mean[0].to(loss.dtype) if isinstance(loss, torch.Tensor) and loss.is_floating_point() else mean[0]
-        return run
-
     def _nowcast(self, closure: Optional[Closure]) -> Any:
-        loss = super()._nowcast(self._averaged(closure) if closure is not None else None)
+        loss = super()._nowcast(averaged_closure(closure, self.group) if closure is not None else None)
         if self.verify and not params_identical(self._params, self.group):
             self.state["repairs"] += 1
             broadcast_params(self._params, src=self.src, group=self.group)

@@ -177,3 +177,46 @@ def worker_edge_cases(rank: int, world: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     torch.save(result, os.path.join(out_dir, f"edge_rank{rank}.pt"))
+
+
+def worker_fsdp(rank: int, world: int, port: int, out_dir: str) -> None:
+    """FSDP2 (fully_shard per Linear and at the root) with ShardedNiNo and the shipped nowcaster."""
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import neugraph
+    from nowcast.fsdp import ShardedNiNo
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = make_model()
+        x, _ = global_batch(0)
+        graph = neugraph.compile(model, x, profile="nino")  # before sharding
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = ShardedNiNo(model, torch.optim.AdamW(model.parameters(), lr=1e-2), nowcaster(), period=PERIOD,
+                          ctx=CTX, total_steps=STEPS, graph=graph)
+        after, held = [], 0
+        share = GLOBAL_BATCH // world
+        for step in range(STEPS):
+            xb, yb = global_batch(step)
+            xb, yb = xb[rank * share:(rank + 1) * share], yb[rank * share:(rank + 1) * share]
+            opt.zero_grad(set_to_none=True)
+            if opt.need_grads:
+                F.mse_loss(model(xb), yb).backward()
+            opt.step()
+            held = max(held, sum(h.numel() for h in opt.state["history"]))
+            last = opt.state["last_nowcast"]
+            if last is not None and last["step"] == step:
+                assert last["accepted"], last
+                after.append(torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()]))
+        torch.save({"after": after, "nowcasts": opt.state["nowcasts"], "history_elements": held,
+                    "num_tracked_local": opt.num_tracked, "plan": opt.memory_plan()},
+                   os.path.join(out_dir, f"fsdp_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -106,3 +106,34 @@ def test_needs_an_initialized_process_group():
     m = torch.nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match="init_process_group"):
         DistributedNiNo(m, torch.optim.SGD(m.parameters(), lr=0.1), None)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    pytest.importorskip("torch.distributed.fsdp", reason="this torch build has no FSDP")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch build has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    if not ddp_worker.SHIPPED.is_file():
+        pytest.skip(f"the shipped nowcaster {ddp_worker.SHIPPED} is missing")
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.start_processes(ddp_worker.worker_fsdp, args=(2, free_port(), str(out)), nprocs=2, start_method="spawn",
+                       join=True)
+    return [torch.load(out / f"fsdp_rank{r}.pt") for r in (0, 1)]
+
+
+def test_fsdp_sharded_history_and_single_process_match(fsdp_runs, single):
+    r0, r1 = fsdp_runs
+    total = sum(p.numel() for p in ddp_worker.make_model().parameters())
+    assert r0["nowcasts"] == r1["nowcasts"] == 2
+    # the history is sharded: each rank holds (ctx - 1) states of its own shard only
+    assert r0["num_tracked_local"] + r1["num_tracked_local"] == total
+    assert max(r0["num_tracked_local"], r1["num_tracked_local"]) < total * 0.6
+    for r in fsdp_runs:
+        assert r["history_elements"] == (ddp_worker.CTX - 1) * r["num_tracked_local"]
+    assert r0["plan"]["states_bytes"] == total * ddp_worker.CTX * 4 and r1["plan"]["states_bytes"] == 0
+    for j, (a, b, s) in enumerate(zip(r0["after"], r1["after"], single)):
+        assert torch.equal(a, b)
+        err = (a - s).abs().max().item()
+        assert err <= 1e-6, f"nowcast {j}: FSDP differs from the single-process run by {err:.3g}"
