@@ -21,7 +21,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from .tasks import Task, TaskData, batches, build_model, evaluate, example_inputs, get_task, load_task_data, loss_fn
+from .tasks import (Task, TaskData, batches, build_model, evaluate, example_inputs, get_task, load_task_data, loss_fn,
+                    target_check)
 
 __all__ = ["run_training", "steps_to_target"]
 
@@ -73,7 +74,11 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         progress: show a tqdm progress bar.
         log: None, a callable receiving one dict per evaluation, or a path (JSON lines, overwritten).
 
-    Returns a dict with ``task, seed, method, steps, eval_every, eval_steps, scores, train_loss``
+    Until the target is first reached, the target is also checked every ``task.target_every`` steps
+    (:func:`~nowcast.tasks.target_check`); a check that reaches it is recorded as an evaluation, so
+    ``steps_to_target`` is exact to ``target_every`` steps.
+
+    Returns a dict with ``task, seed, method, steps, eval_every, target_every, eval_steps, scores, train_loss``
     (mean training loss since the previous evaluation, None at step 0), ``steps_to_target, target,
     metric, final_score, wall_time_s`` (whole run), ``eval_time_s``, ``nowcasts``,
     ``nowcasts_rejected``, ``nowcast_steps`` and ``period``.
@@ -112,11 +117,18 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         eval_time = 0.0
         loss_sum, loss_n = 0.0, 0
 
-        def do_eval(step: int) -> float:
-            nonlocal eval_time, loss_sum, loss_n
+        # until the target is first reached, also check it every ``check_every`` steps (exact score recorded)
+        check_every = task.target_every if 0 < task.target_every < eval_every else 0
+        reached = False
+
+        def do_eval(step: int, check_only: bool = False) -> Optional[float]:
+            nonlocal eval_time, loss_sum, loss_n, reached
             t0 = time.perf_counter()
-            score = evaluate(task, model, data)
+            score = target_check(task, model, data) if check_only else evaluate(task, model, data)
             eval_time += time.perf_counter() - t0
+            if score is None:
+                return None
+            reached = reached or task.reached(score)
             eval_steps.append(step)
             scores.append(score)
             mean_loss = loss_sum / loss_n if loss_n else None
@@ -153,6 +165,8 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
                 score = do_eval(done)
                 if bar is not None:
                     bar.set_postfix({task.metric[:4]: f"{score:.2f}"}, refresh=False)
+            elif check_every and not reached and done % check_every == 0:
+                do_eval(done, check_only=True)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -162,6 +176,7 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
     st = wrapper.state if wrapper is not None else {}
     return {
         "task": task.name, "seed": seed, "method": method, "steps": steps, "eval_every": eval_every,
+        "target_every": check_every,
         "metric": task.metric, "target": task.target, "eval_steps": eval_steps, "scores": scores,
         "train_loss": train_loss, "steps_to_target": steps_to_target(task, eval_steps, scores),
         "final_score": scores[-1], "wall_time_s": round(wall, 3), "eval_time_s": round(eval_time, 3),

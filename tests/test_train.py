@@ -107,3 +107,30 @@ def test_real_fm16_short_run_is_deterministic():
     b = run_training("fm16", 0, steps=10, eval_every=10, data=small, progress=False)
     assert a["scores"] == b["scores"] and a["train_loss"] == b["train_loss"]
     assert a["scores"][-1] > a["scores"][0]  # 10 AdamW steps at lr 6e-3 learn something
+
+
+def test_target_check_returns_the_exact_score_only_when_the_target_is_reached():
+    from nowcast.tasks import build_model, evaluate, target_check
+
+    data = _tiny_data()
+    model = build_model(TINY, 0)
+    score = evaluate(TINY, model, data)
+    assert target_check(dataclasses.replace(TINY, target=score), model, data) == score
+    assert target_check(dataclasses.replace(TINY, target=score + 1e-6), model, data) is None
+    assert model.training  # the train/eval mode is restored
+
+
+def test_fine_target_checks_give_the_step_full_evaluations_would():
+    """Checks every 2 steps until reached, then the 10-step grid; the same crossing as evaluating every 2."""
+    data = _tiny_data()
+    probe = run_training(dataclasses.replace(TINY, target_every=0), 0, eval_every=2, data=data, progress=False)
+    target = sorted(probe["scores"])[len(probe["scores"]) // 2]  # reached somewhere in the run
+    fine = dataclasses.replace(TINY, target=target, target_every=2)
+    every2 = run_training(dataclasses.replace(fine, target_every=0), 0, eval_every=2, data=data, progress=False)
+    r = run_training(fine, 0, data=data, progress=False)
+    hit = every2["steps_to_target"]
+    assert hit is not None and r["steps_to_target"] == hit and r["target_every"] == 2
+    expected = sorted(set(range(0, 31, 10)) | {hit})
+    assert r["eval_steps"] == expected
+    full = dict(zip(every2["eval_steps"], every2["scores"]))
+    assert all(full[s] == v for s, v in zip(r["eval_steps"], r["scores"]))
