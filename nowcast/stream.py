@@ -61,7 +61,9 @@ from .scaling import EPS, Scales, scale, unscale
 
 DEFAULT_CHUNK = 1 << 13
 STATS_ROWS = 1 << 16  # rows per float64 block when computing per-tensor statistics
-OUTER_MIN_SOURCES = 16  # layers > 0: per-target (dim x D) products when a target has this many sources in a tile
+# layers > 0: per-target (dim x D) outer-product sums when a target has at least this many sources in a tile,
+# times the hidden size (the per-target work is D^2, the per-edge work it saves 2D per source)
+OUTER_MIN_SOURCES = 1.0
 
 
 # ---- composed weights ------------------------------------------------------------------------------
@@ -441,7 +443,7 @@ class _Stream:
             # sum_j scale_ij = G_s Z_i + n g_s; sum_j shift_ij = G_h Z_i + n g_h  (Z_i = sum_j z_ij)
             part = t_rows * torch.addmm(g_s, zsum, w_s.T, beta=n_src)
             part += torch.addmm(g_h, zsum, w_h.T, beta=n_src)
-            if tile.shared_src and (l == 0 or n_src >= OUTER_MIN_SOURCES):
+            if tile.shared_src and (l == 0 or n_src >= OUTER_MIN_SOURCES * D):
                 # sum_j scale_ij * P_s[j] = sum_k G_s[:, k] * M[k] + g_s * sum_j P_s[j], per target
                 # M[i] = sum_j z_ij^T P_s[j] (dim x D): one product (targets*dim x sources) @ (sources x D)
                 s_rows = _take(p_s, tile.src, tile.s_slice)  # (sources, D)
