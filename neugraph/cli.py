@@ -114,7 +114,8 @@ def _inspect(args) -> int:
 
 def _verify(args) -> int:
     model, x, known, label = _load_model(args)
-    report = verify(model, x, trials=args.trials, profile=args.profile, known_group=known, seed=args.seed)
+    report = verify(model, x, trials=args.trials, profile=args.profile, known_group=known, seed=args.seed,
+                    progress=not args.no_progress)
     if args.json:
         print(json.dumps({"model": label, **report.as_dict()}, indent=2))
     else:
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="generic", choices=["nino", "generic"])
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     p.set_defaults(fn=_verify)
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -195,7 +195,8 @@ def equivariant(graph, graph_perm, perm: Permutation, flat: torch.Tensor, flat_p
 
 def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, profile: str = "generic",
            known_group: dict | None = None, rtol: float = 1e-9, seed: int = 0, kwargs: dict | None = None,
-           model_ir: ModelIR | None = None, randomize: bool = True, auto_rtol: bool = True) -> Report:
+           model_ir: ModelIR | None = None, randomize: bool = True, auto_rtol: bool = True,
+           progress: bool = False) -> Report:
     """Verify ``module``'s inferred symmetry and compiled graph (see the module docstring).
 
     ``known_group`` may give ``free_spaces`` (sorted sizes) and ``lane_groups`` (sorted counts) of
@@ -204,7 +205,8 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
     offsets, so that an initial value such as an all-ones norm weight cannot hide a bad permutation;
     the caller's module is never modified. A model that computes part of its forward in a lower
     precision even on a float64 copy gets that precision's tolerance, reported in the notes, unless
-    ``auto_rtol`` is False.
+    ``auto_rtol`` is False. ``progress`` shows a progress bar (stderr) over the ``2 * trials``
+    permutation checks.
     """
     from . import trace
 
@@ -235,7 +237,14 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
     failures: list[str] = []
     max_err, min_change = 0.0, float("inf")
     base_hash = graph_hash(graph, flat)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * trials, desc="verify", unit="perm", dynamic_ncols=True, leave=False)
     for t in range(trials):
+        if bar is not None:
+            bar.update(1)
         perm = ir.sample_symmetry(gen)
         new_state = perm.apply(state)
         out = _run(model, new_state, args, kw)
@@ -255,6 +264,8 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
         else:
             failures.append(f"equivariance: {why}")
     for t in range(trials):
+        if bar is not None:
+            bar.update(1)
         bad = ir.sample_violation(gen)
         if bad is None:
             break
@@ -269,6 +280,8 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
         else:
             failures.append(f"bad permutation ({bad.kind}): output change {change:.3g}, "
                             f"hash {'unchanged' if h == base_hash else 'changed'}")
+    if bar is not None:
+        bar.close()
     group = ir.group_summary()
     counts["coverage"][1] = 1
     if known_group is None:

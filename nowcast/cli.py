@@ -1,4 +1,5 @@
-"""``nowcast`` command line: ``demo`` (AdamW vs AdamW + a nowcaster), ``train`` (one run), ``tasks``.
+"""``nowcast`` command line: ``demo`` (AdamW vs AdamW + a nowcaster), ``train`` (one run), ``plot``
+(validation curves of saved runs), ``tasks``.
 
 ``nowcast demo`` trains a task (FM/16 by default) twice from the same seed and batch stream, with
 AdamW and with AdamW wrapped in NiNo and a nowcaster, prints steps to target and the reduction,
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "resolve_nowcaster", "NowcasterSpecError", "SHIPPED_CHECKPOINT", "PUBLISHED_ENV"]
+__all__ = ["main", "resolve_nowcaster", "NowcasterSpecError", "RunFileError", "SHIPPED_CHECKPOINT", "PUBLISHED_ENV"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHIPPED_CHECKPOINT = PACKAGE_DIR / "checkpoints" / "nino_ours.safetensors"
@@ -221,6 +222,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                           nowcaster=nowcaster, steps=args.steps, eval_every=args.eval_every,
                           period=_period(args), ctx=args.ctx, progress=not args.no_progress, log=args.log)
     text = json.dumps(record, indent=1)
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        _plot(task, [record], Path(args.plot))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
@@ -229,6 +233,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"{task.name} seed {args.seed} {record['method']}: steps to target {record['steps_to_target']}, "
               f"final {task.metric} {record['final_score']:.4g}, {record['wall_time_s']:.1f} s -> {args.out}")
+    if args.plot and not args.json:
+        print(f"plot: {args.plot}", file=sys.stderr if not args.out else sys.stdout)
+    return 0
+
+
+class RunFileError(ValueError):
+    """A file given to ``nowcast plot`` is not a run record; the message names the file."""
+
+
+def _read_runs(paths: Sequence[str]) -> list[tuple[str, dict]]:
+    """(file, run record) for every run in the files: ``nowcast train`` records or ``nowcast demo`` summaries."""
+    runs: list[tuple[str, dict]] = []
+    for name in paths:
+        path = Path(name)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RunFileError(f"{name}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise RunFileError(f"{name}: not JSON ({e})") from None
+        records = data.get("runs") if isinstance(data, dict) and "runs" in data else [data]
+        for r in records:
+            if not isinstance(r, dict) or not {"task", "eval_steps", "scores", "method"} <= set(r):
+                raise RunFileError(f"{name}: not a run record (expected the JSON written by `nowcast train --out` "
+                                   "or `nowcast demo`)")
+            runs.append((name, r))
+    return runs
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .tasks import get_task
+
+    runs = _read_runs(args.runs)
+    tasks = sorted({r["task"] for _, r in runs})
+    if len(tasks) != 1:
+        raise RunFileError(f"the runs belong to several tasks {tasks}; plot one task at a time")
+    task = get_task(tasks[0])
+    seeds = {r.get("seed") for _, r in runs}
+    shown = [dict(r, method=f"{r['method']} seed {r.get('seed')}" if len(seeds) > 1 else r["method"])
+             for _, r in runs]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _plot(task, shown, out)
+    rows = [{"file": f, "method": r["method"], "seed": r.get("seed"), "steps": r.get("steps"),
+             "steps_to_target": r.get("steps_to_target"), "final_score": r["scores"][-1] if r["scores"] else None}
+            for f, r in runs]
+    if args.json:
+        print(json.dumps({"task": task.name, "metric": task.metric, "target": task.target, "plot": str(out),
+                          "runs": rows}, indent=1))
+        return 0
+    for row in rows:
+        stt = row["steps_to_target"] if row["steps_to_target"] is not None else "not reached"
+        print(f"{row['method']} seed {row['seed']}: steps to target {stt}, final {task.metric} "
+              f"{_fmt_score(task, row['final_score'])}")
+    print(f"plot: {out}")
     return 0
 
 
@@ -269,7 +328,7 @@ def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nowcast", description="Accelerate training with neural nowcasting.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,train,tasks}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,plot,tasks}")
 
     p = sub.add_parser("demo", help="AdamW vs AdamW + a nowcaster on one task: steps to target, plot",
                        description="Train a task with AdamW and with AdamW + a nowcaster (same seed, same "
@@ -298,9 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="label stored in the record")
     p.add_argument("--out", default=None, help="write the JSON record here (default: print it)")
     p.add_argument("--log", default=None, help="append one JSON line per evaluation to this file")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also save the validation curve as a PNG")
     p.add_argument("--json", action="store_true", help="also print the record")
     p.add_argument("--no-progress", action="store_true")
     _add_nowcast_options(p)
+
+    p = sub.add_parser("plot", help="validation curves of saved runs (PNG)",
+                       description="Plot the validation curves of runs saved by `nowcast train --out` or "
+                                   "`nowcast demo` (one task; several files, methods and seeds on one figure).")
+    p.add_argument("runs", nargs="+", metavar="RUN.json", help="run records or demo summaries")
+    p.add_argument("--out", default="runs/plot.png", help="PNG to write (default runs/plot.png)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary of the runs and the plot path")
 
     p = sub.add_parser("tasks", help="list the task registry", description="List the registered tasks.")
     p.add_argument("--json", action="store_true", help="JSON, with parameter counts")
@@ -329,8 +396,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_demo(args, explicit)
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "plot":
+            return cmd_plot(args)
         return cmd_tasks(args)
-    except (DataMissingError, NowcasterSpecError, UnknownTaskError) as e:
+    except (DataMissingError, NowcasterSpecError, UnknownTaskError, RunFileError) as e:
         print(f"nowcast {args.command}: error: {e}", file=sys.stderr)
         return 2
 
