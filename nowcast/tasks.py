@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["Task", "TaskData", "TASKS", "get_task", "build_model", "example_inputs", "load_task_data",
-           "batches", "loss_fn", "evaluate", "target_check", "num_params", "UnknownTaskError", "target_from_run", "LM_CONTEXT", "LM_VAL_WINDOWS"]
+           "batches", "loss_fn", "evaluate", "target_check", "misclassified", "accuracy", "num_params", "UnknownTaskError", "target_from_run", "LM_CONTEXT", "LM_VAL_WINDOWS"]
 
 LM_CONTEXT = 128        # tokens per window (the paper: 1024; shortened for a 2-core CPU)
 LM_VAL_WINDOWS = 256    # fixed held-out windows per language task (LM_VAL_WINDOWS * LM_CONTEXT tokens)
@@ -379,31 +379,61 @@ def loss_fn(task: Union[str, Task], model: nn.Module, inputs: torch.Tensor, targ
 
 
 @torch.no_grad()
-def target_check(task: Union[str, Task], model: nn.Module, data: TaskData) -> Optional[float]:
-    """The exact validation score if it reaches the task's target, else None.
-
-    The same numbers as :func:`evaluate`, but a vision check stops as soon as the errors counted so
-    far rule the target out (about a third cheaper below the target); a language task is scored
-    in full.
-    """
+def misclassified(task: Union[str, Task], model: nn.Module, data: TaskData) -> torch.Tensor:
+    """(N,) bool: which held-out images a vision model gets wrong (eval mode, batches, mode restored)."""
     task = get_task(task)
     if task.kind != "vision":
-        score = evaluate(task, model, data)
-        return score if task.reached(score) else None
+        raise ValueError(f"{task.name} is a {task.kind} task; misclassified() is for vision tasks")
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        n, errors = len(data.val_x), 0
-        for i in range(0, n, EVAL_BATCH_VISION):
-            x = data.val_x[i:i + EVAL_BATCH_VISION].to(device)
-            y = data.val_y[i:i + EVAL_BATCH_VISION].to(device)
-            errors += int((_logits(task, model, x).argmax(-1) != y).sum())
-            if not task.reached(100.0 * (n - errors) / n):  # even all the rest right would not do
-                return None
-        return 100.0 * (n - errors) / n
+        wrong = [(_logits(task, model, data.val_x[i:i + EVAL_BATCH_VISION].to(device)).argmax(-1)
+                  != data.val_y[i:i + EVAL_BATCH_VISION].to(device)).cpu()
+                 for i in range(0, len(data.val_x), EVAL_BATCH_VISION)]
+        return torch.cat(wrong)
     finally:
         model.train(was_training)
+
+
+def accuracy(wrong: torch.Tensor) -> float:
+    """Accuracy in % from :func:`misclassified` (the number :func:`evaluate` returns)."""
+    n = len(wrong)
+    return 100.0 * (n - int(wrong.sum())) / n
+
+
+@torch.no_grad()
+def target_check(task: Union[str, Task], model: nn.Module, data: TaskData,
+                 hard_first: Optional[torch.Tensor] = None) -> Optional[float]:
+    """:func:`evaluate`'s score if it reaches the task's target, else None.
+
+    A vision check counts errors batch by batch and stops as soon as they rule the target out.
+    ``hard_first`` (N,) bool, e.g. the last full evaluation's :func:`misclassified`, puts those
+    images first: they are mostly still wrong, so far below the target the check stops after about
+    a tenth of the set. Only a check that may reach the target is scored in full, with
+    :func:`evaluate` itself, so a returned score is always exactly the canonical one. A language
+    task is scored in full.
+    """
+    task = get_task(task)
+    if task.kind == "vision":
+        n = len(data.val_x)
+        order = (torch.arange(n) if hard_first is None else
+                 torch.cat([torch.nonzero(hard_first).flatten(), torch.nonzero(~hard_first).flatten()]))
+        was_training = model.training
+        model.eval()
+        try:
+            device = next(model.parameters()).device
+            errors = 0
+            for i in range(0, n, EVAL_BATCH_VISION):
+                idx = order[i:i + EVAL_BATCH_VISION]
+                errors += int((_logits(task, model, data.val_x[idx].to(device)).argmax(-1)
+                               != data.val_y[idx].to(device)).sum())
+                if not task.reached(100.0 * (n - errors) / n):  # even all the rest right would not do
+                    return None
+        finally:
+            model.train(was_training)
+    score = evaluate(task, model, data)
+    return score if task.reached(score) else None
 
 
 @torch.no_grad()
@@ -419,12 +449,7 @@ def evaluate(task: Union[str, Task], model: nn.Module, data: TaskData) -> float:
     try:
         device = next(model.parameters()).device
         if task.kind == "vision":
-            correct = 0
-            for i in range(0, len(data.val_x), EVAL_BATCH_VISION):
-                x = data.val_x[i:i + EVAL_BATCH_VISION].to(device)
-                y = data.val_y[i:i + EVAL_BATCH_VISION].to(device)
-                correct += int((_logits(task, model, x).argmax(-1) == y).sum())
-            return 100.0 * correct / len(data.val_x)
+            return accuracy(misclassified(task, model, data))
         vocab = task.arch.get("vocab", 256)
         per = max(1, EVAL_LOGITS_PER_BATCH // (data.val_x.shape[1] * vocab))
         total, count = 0.0, 0

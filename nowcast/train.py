@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from .tasks import (Task, TaskData, batches, build_model, evaluate, example_inputs, get_task, load_task_data, loss_fn,
-                    target_check)
+                    target_check, misclassified, accuracy)
 
 __all__ = ["run_training", "steps_to_target"]
 
@@ -120,11 +120,18 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         # until the target is first reached, also check it every ``check_every`` steps (exact score recorded)
         check_every = task.target_every if 0 < task.target_every < eval_every else 0
         reached = False
+        hard: Optional[torch.Tensor] = None  # images the last full evaluation got wrong: checked first
 
         def do_eval(step: int, check_only: bool = False) -> Optional[float]:
-            nonlocal eval_time, loss_sum, loss_n, reached
+            nonlocal eval_time, loss_sum, loss_n, reached, hard
             t0 = time.perf_counter()
-            score = target_check(task, model, data) if check_only else evaluate(task, model, data)
+            if check_only:
+                score = target_check(task, model, data, hard_first=hard)
+            elif check_every and task.kind == "vision":
+                hard = misclassified(task, model, data)
+                score = accuracy(hard)
+            else:
+                score = evaluate(task, model, data)
             eval_time += time.perf_counter() - t0
             if score is None:
                 return None

@@ -117,6 +117,13 @@ def test_target_check_returns_the_exact_score_only_when_the_target_is_reached():
     score = evaluate(TINY, model, data)
     assert target_check(dataclasses.replace(TINY, target=score), model, data) == score
     assert target_check(dataclasses.replace(TINY, target=score + 1e-6), model, data) is None
+    from nowcast.tasks import accuracy, misclassified
+
+    wrong = misclassified(TINY, model, data)
+    assert accuracy(wrong) == score and wrong.dtype == torch.bool and len(wrong) == len(data.val_y)
+    for hard in (wrong, ~wrong):  # any order of the images gives the same decision and score
+        assert target_check(dataclasses.replace(TINY, target=score), model, data, hard_first=hard) == score
+        assert target_check(dataclasses.replace(TINY, target=score + 1e-6), model, data, hard_first=hard) is None
     assert model.training  # the train/eval mode is restored
 
 
