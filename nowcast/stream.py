@@ -36,8 +36,10 @@ of real arithmetic, so results differ from the materialised path by float roundi
 Per parameter edge and hidden size D this is about ``3 D^2`` multiply-adds for the published
 configuration (3 layers, 2 used, MLP head) against ``9 D^2`` for the materialised path.
 
-``dtype=torch.bfloat16`` computes tiles in bfloat16 (composed weights, node states and features
-cast per tile; per-node sums, node updates and the prediction stay float32).
+``dtype=torch.bfloat16`` computes the D x D work of each tile in bfloat16 (composed weights and
+node states cast per tile). The maps that read the edge features (a few multiply-adds per edge),
+per-node sums, node updates and the prediction stay float32: the trajectory is in the small
+differences between the ctx states, which bfloat16's 8-bit mantissa would round away.
 
 ``subgraphs`` nowcasts groups of parameter blocks one at a time on their induced subgraphs, so that
 only one group's node states are held; scaling statistics stay per tensor over the whole model.
@@ -414,17 +416,24 @@ class _Stream:
         return out.view(*z.shape[:-1], w.shape[0])
 
     def chain(self, tile: Tile, upto: int, w: dict) -> torch.Tensor:
-        """z_upto of the tile: its features (upto 0) or u_{upto-1}, in the compute dtype."""
-        z = tile.f.to(self.dtype)
+        """z_upto of the tile: its features (upto 0, float32) or u_{upto-1} (compute dtype).
+
+        Everything that reads the features stays float32 (a few multiply-adds per edge): the
+        trajectory lives in the small differences between the ctx states, which bfloat16's 8-bit
+        mantissa would round away.
+        """
+        z = tile.f
         for l in range(upto):
             h = self._affine(w["edge"][l], z, tile, l, bias=False)
-            per_target = self._node(w["T"][l], tile, True) + self._bias(w["edge"][l], tile, l)
+            per_target = self._node(w["T"][l], tile, True).to(h.dtype) + self._bias(w["edge"][l], tile, l)
             if tile.shared_src:
                 h += per_target
-                h += self._node(w["S"][l], tile, False)
+                h += self._node(w["S"][l], tile, False).to(h.dtype)
             else:  # one source per target: one add
-                h += per_target + self._node(w["S"][l], tile, False)
+                h += per_target + self._node(w["S"][l], tile, False).to(h.dtype)
             z = F.silu(h, inplace=True)
+            if l == 0:
+                z = z.to(self.dtype)
         return z
 
     def messages(self, l: int, w: dict) -> torch.Tensor:
@@ -437,7 +446,7 @@ class _Stream:
             z = self.chain(tile, l, w)  # (sources, targets, dim)
             n_src, n_tgt, dim = z.shape
             zsum = z.sum(0)  # (targets, dim)
-            t_rows = _take(p_t, tile.tgt, tile.t_slice)
+            t_rows = _take(p_t, tile.tgt, tile.t_slice).to(z.dtype)
             g_s, g_h = self._bias(sc_map, tile, l), self._bias(sh_map, tile, l)
             w_s, w_h = sc_map.weight[:, :dim], sh_map.weight[:, :dim]
             # sum_j scale_ij = G_s Z_i + n g_s; sum_j shift_ij = G_h Z_i + n g_h  (Z_i = sum_j z_ij)
@@ -446,14 +455,14 @@ class _Stream:
             if tile.shared_src and (l == 0 or n_src >= OUTER_MIN_SOURCES * D):
                 # sum_j scale_ij * P_s[j] = sum_k G_s[:, k] * M[k] + g_s * sum_j P_s[j], per target
                 # M[i] = sum_j z_ij^T P_s[j] (dim x D): one product (targets*dim x sources) @ (sources x D)
-                s_rows = _take(p_s, tile.src, tile.s_slice)  # (sources, D)
+                s_rows = _take(p_s, tile.src, tile.s_slice).to(z.dtype)  # (sources, D)
                 m = torch.mm(z.reshape(n_src, n_tgt * dim).T, s_rows).view(n_tgt, dim, D)
                 m *= w_s.T
                 part += m.sum(1)
                 part += g_s * s_rows.sum(0)
             else:
                 s = self._affine(sc_map, z, tile, l)  # (sources, targets, D)
-                s *= self._node(p_s, tile, False)
+                s *= self._node(p_s, tile, False).to(s.dtype)
                 part += s.sum(0)
             acc.index_add_(0, tile.tgt, part.float())
         return acc
@@ -480,23 +489,27 @@ class _Stream:
     def run(self, k: int, plan: Plan) -> None:
         model = self.model
         dt = self.dtype
-        w: dict = {"L": plan.layers,
-                   "scale": [a.cast(dt) for a in plan.film_scale], "shift": [a.cast(dt) for a in plan.film_shift],
-                   "edge": [a.cast(dt) for a in plan.edge], "S": [], "T": [],
-                   "head_in": plan.head_in.cast(dt) if plan.head_in is not None else None,
-                   "e_last": plan.e_last.cast(dt)}
+        L = plan.layers
+
+        def cast(a: Affine | None, layer: int) -> Affine | None:  # maps of the features stay float32
+            return None if a is None else a.cast(dt) if layer > 0 else a
+
+        w: dict = {"L": L, "scale": [cast(a, l) for l, a in enumerate(plan.film_scale)],
+                   "shift": [cast(a, l) for l, a in enumerate(plan.film_shift)],
+                   "edge": [cast(a, l) for l, a in enumerate(plan.edge)], "S": [], "T": [],
+                   "head_in": cast(plan.head_in, L), "e_last": cast(plan.e_last, L)}
         x = self.node_inputs()
         D = x.shape[1]
         for l in range(plan.layers):
             layer = model.layers[l]
             mw = layer.msg.weight
-            w["Pt"] = F.linear(x, mw[:, :D], layer.msg.bias).to(dt)
-            w["Ps"] = F.linear(x, mw[:, D:]).to(dt)
+            w["Pt"] = F.linear(x, mw[:, :D], layer.msg.bias)  # node tensors stay float32; tiles cast
+            w["Ps"] = F.linear(x, mw[:, D:])
             agg = self.messages(l, w) / self.degree[:, None]
             x = F.silu(layer.out(layer.upd(torch.cat([x, agg], 1))))
             upd = model.edge_updates[l]
-            w["S"].append(upd.src(x).to(dt))
-            w["T"].append(upd.dst(x).to(dt))
+            w["S"].append(upd.src(x))
+            w["T"].append(upd.dst(x))
         w.pop("Pt", None), w.pop("Ps", None)
         self.heads(k, w)
 
