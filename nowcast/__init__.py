@@ -12,10 +12,12 @@ from .scaling import METHODS as SCALING_METHODS
 from .scaling import Scales, scale, unscale
 from .scatter import get_backend as scatter_backend
 from .scatter import set_backend as set_scatter_backend
+from .stream import stream_predict
 from .wnn import WNNPlus
 
 __all__ = ["Nowcaster", "NiNoGNN", "WNNPlus", "Linefit", "LinefitPlus", "load", "save", "CheckpointError",
-           "scale", "unscale", "Scales", "SCALING_METHODS", "scatter_backend", "set_scatter_backend"]
+           "scale", "unscale", "Scales", "SCALING_METHODS", "scatter_backend", "set_scatter_backend",
+           "stream_predict"]
 
 # ---- the optimizer wrapper (docs/optimizer.md) ---------------------------------------------------
 from .optim import NiNo, NowcastError, NowcastRejectedWarning  # noqa: E402
