@@ -166,7 +166,43 @@ def worker_edge_cases(rank: int, world: int, port: int, out_dir: str) -> None:
         result["spike_accepted"] = opt.state["last_nowcast"]["accepted"]
         result["spike_identical"] = params_identical(model)
 
-        # 3. different starting weights on the ranks (no DDP): refused at construction, naming the fix
+        # 3. the nowcaster raises on rank 0 (broadcast mode): every rank gets NowcastError with nothing
+        #    changed, and the retry succeeds on every rank
+        from nowcast.optim import NowcastError
+
+        class FailsOnce:
+            needs_graph = False
+
+            def __init__(self) -> None:
+                self.calls = 0
+
+            def predict(self, graph, states, k):
+                self.calls += 1
+                if self.calls == 1:
+                    raise RuntimeError("out of memory (simulated)")
+                return states[:, -1] + 0.01
+
+        model = make_model()
+        ddp = DDP(model)
+        opt = DistributedNiNo(ddp, torch.optim.SGD(ddp.parameters(), lr=1e-2), FailsOnce(), period=PERIOD, ctx=CTX,
+                              k_schedule=1)
+        for step in range(PERIOD - 1):
+            opt.zero_grad()
+            xb, yb = global_batch(step)
+            F.mse_loss(ddp(xb), yb).backward()
+            opt.step()
+        before = flat(model)
+        try:
+            opt.step()
+            result["error"] = None
+        except NowcastError as e:
+            result["error"] = str(e)
+        result["unchanged"] = torch.equal(before, flat(model)) and opt.state["step"] == PERIOD - 1
+        opt.step()  # the retry
+        result["retried"] = opt.state["nowcasts"] == 1 and torch.allclose(flat(model), before + 0.01)
+        result["retry_identical"] = params_identical(model)
+
+        # 4. different starting weights on the ranks (no DDP): refused at construction, naming the fix
         torch.manual_seed(rank)
         lone = torch.nn.Linear(3, 2)
         try:

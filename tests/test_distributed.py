@@ -92,6 +92,14 @@ def test_spike_check_uses_the_loss_averaged_over_ranks(edge_runs):
     assert all(r["spike_identical"] for r in edge_runs)
 
 
+def test_a_failing_nowcaster_fails_every_rank_alike(edge_runs):
+    r0, r1 = edge_runs
+    assert "out of memory (simulated)" in r0["error"]
+    assert r1["error"] is not None and "raised on rank 0" in r1["error"]
+    for r in edge_runs:
+        assert r["unchanged"] and r["retried"] and r["retry_identical"]
+
+
 def test_different_starting_weights_are_refused(edge_runs):
     for r in edge_runs:
         assert r["mismatch_error"] is not None and "rank(s) [1]" in r["mismatch_error"]
