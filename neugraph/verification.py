@@ -241,10 +241,8 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=2 * trials, desc="verify", unit="perm", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=2 * trials, desc="verify", unit="perm", dynamic_ncols=True)
     for t in range(trials):
-        if bar is not None:
-            bar.update(1)
         perm = ir.sample_symmetry(gen)
         new_state = perm.apply(state)
         out = _run(model, new_state, args, kw)
@@ -263,11 +261,13 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
             counts["equivariance"][0] += 1
         else:
             failures.append(f"equivariance: {why}")
-    for t in range(trials):
         if bar is not None:
             bar.update(1)
+    for t in range(trials):
         bad = ir.sample_violation(gen)
         if bad is None:
+            if bar is not None:  # no permutation outside the group: nothing left to check
+                bar.total = bar.n
             break
         new_state = bad.apply(state)
         out = _run(model, new_state, args, kw)
@@ -280,6 +280,8 @@ def verify(module: torch.nn.Module, example_inputs: Any, trials: int = 16, *, pr
         else:
             failures.append(f"bad permutation ({bad.kind}): output change {change:.3g}, "
                             f"hash {'unchanged' if h == base_hash else 'changed'}")
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
     group = ir.group_summary()
