@@ -772,6 +772,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "see docs/collect.md; run two tasks at once to use two cores; 0 = torch's default)")
     ap.add_argument("--restart", action="store_true", help="delete an existing store and start over")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object (store, runs, complete runs, saves, parameters, seconds) instead of "
+                         "the summary line")
     ap.add_argument("--benchmark", type=int, metavar="STEPS", default=None,
                     help="only time STEPS steps of --group runs with each path and print steps/s")
     args = ap.parse_args(argv)
@@ -790,6 +793,10 @@ def _run_cli(args: argparse.Namespace) -> int:
     try:
         if args.benchmark is not None:
             res = benchmark(args.task, runs=args.group, steps=args.benchmark, data_root=args.data_root)
+            if args.json:
+                print(json.dumps({"task": args.task, "runs": args.group, "steps": args.benchmark,
+                                  "threads": torch.get_num_threads(), "modes": res}))
+                return 0
             print(f"{args.task}: {args.group} runs, {args.benchmark} steps, {torch.get_num_threads()} threads")
             for mode, r in res.items():
                 print(f"  {mode:10s} {r['run_steps_per_s']:8.2f} run-steps/s median step, "
@@ -806,6 +813,12 @@ def _run_cli(args: argparse.Namespace) -> int:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     t = load_trajectories(path)
+    if args.json:
+        print(json.dumps({"store": str(path), "task": t.meta["task"], "runs": t.meta["runs"],
+                          "complete_runs": [int(r) for r in t.complete_runs], "n_saves": t.meta["n_saves"],
+                          "save_every": t.meta["save_every"], "num_params": t.meta["num_params"],
+                          "mode": t.meta["mode"], "wall_s": t.meta["wall_s"]}))
+        return 0
     print(f"{path}: {len(t.complete_runs)}/{t.meta['runs']} runs complete, {t.meta['n_saves']} saves of "
           f"{t.meta['num_params']} parameters ({t.meta['mode']}, {t.meta['wall_s']:.0f} s)")
     return 0

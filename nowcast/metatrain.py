@@ -860,6 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint in --out to continue from")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the run's summary as one JSON object")
     return p
 
 
@@ -899,6 +900,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "stride_saves": td.stride, "num_params": td.num_params, "edges": td.graph.num_edges})
     trainer = MetaTrainer(tasks, cfg, args.out, device=args.device, progress=not args.no_progress, task_info=info)
     summary = trainer.run(resume=True if args.resume else None)
+    if args.json:
+        print(json.dumps(_jsonable(summary)))
+        return 0
     print(f"step {summary['step']}/{summary['steps']}: train loss {summary['train_loss']:.5f} (mean of the last "
           f"100 steps), val loss {summary['val_loss']:.5f} (step {summary['val_step']}), "
           f"{summary['skipped_steps']} skipped steps, {summary['bad_windows']} dropped windows")

@@ -172,3 +172,20 @@ def test_train_with_the_metatrained_nowcaster(metatrained):
     rec = json.loads(t.stdout)
     assert rec["method"] == "adamw+NiNoGNN" and rec["nowcast_steps"] == [4, 9]
     assert rec["nowcasts"] + rec["nowcasts_rejected"] == 2
+
+
+def test_collect_and_metatrain_json(collected, metatrained):
+    """Rerunning a finished collection / meta-training with --json prints its summary as JSON."""
+    d, _ = collected
+    r = run("nowcast.collect", "--task", "fm16", "--runs", "3", "--steps", "12", "--save-every", "1", "--group", "3",
+            "--out", str(d), "--no-progress", "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["complete_runs"] == [0, 1, 2] and rec["n_saves"] == 13 and rec["num_params"] == 14378
+    out, _ = metatrained
+    m = run("nowcast.metatrain", "--data", str(d), "--tasks", "fm16", "--steps", "2", "--batch", "2", "--period",
+            "5", "--hidden", "16", "--layers", "2", "--val-windows", "2", "--no-progress", "--threads", "1",
+            "--out", str(out), "--json")
+    assert m.returncode == 0, m.stderr
+    summary = json.loads(m.stdout)
+    assert summary["step"] == summary["steps"] == 2 and "nowcaster" in summary
