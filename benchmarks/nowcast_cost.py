@@ -18,7 +18,9 @@ thread:
    resident memory the nowcast added (``VmHWM`` after resetting it through /proc/self/clear_refs,
    minus ``VmRSS`` before) and the process's peak so far;
 5. agreement: max abs difference streamed - materialised; bf16 - float32 (max, mean, and the max
-   relative to the largest predicted change ``|pred - newest|``);
+   relative to the largest predicted change ``|pred - newest|``); with ``--subgraphs`` also the
+   per-block subgraph mode (``subgraphs="auto"``): time, memory and its difference from the
+   whole-graph prediction;
 6. one AdamW training step of the model (batch 4 x 128 tokens, median of 3 after one warm-up):
    the nowcast's overhead as a share of 1000 training steps.
 
@@ -210,6 +212,14 @@ def worker(spec: dict) -> dict:
         del bf
     else:
         res["stream_bf16"] = {"skipped": f"params > --bf16-max {spec['bf16_max']:.0e} (bf16 is emulated on this CPU)"}
+    if spec.get("subgraphs"):
+        sub, wall, cpu, added, _ = measure(lambda: stream_predict(nc, graph, states, HORIZON, chunk=chunk,
+                                                                  subgraphs="auto"))
+        from nowcast.stream import split_blocks
+
+        res["stream_subgraphs"] = {"groups": len(split_blocks(graph)), "wall_s": wall, "cpu_s": cpu,
+                                   "peak_added_bytes": added, "difference_vs_whole_graph": errors(sub, pred, newest)}
+        del sub
     del pred
     if spec.get("train_step", True):
         res["train_step"] = train_step(model, cfg)
@@ -379,7 +389,8 @@ def mib(b) -> str:
 def table(doc: dict) -> str:
     head = ("| params | edges | compile s | stream wall s (CPU s) | stream us/edge (CPU) | stream peak added MiB | "
             "process peak GiB / budget | materialised wall s (CPU s) | materialised peak added MiB | "
-            "max abs stream - mat | bf16 max abs err (rel. to max change) | train step s | nowcast / 1000 steps |")
+            "max abs stream - mat | bf16 wall s (CPU s) | bf16 max abs err (rel. to max change) | train step s | "
+            "nowcast / 1000 steps |")
     lines = ["All figures CPU (2 shared cores, one torch thread); command per row in the JSON "
              "(`benchmarks/results/nowcast_cost.json`).", "", head, "|" + "---|" * (head.count("|") - 1)]
     for key in sorted(doc["sizes"], key=float):
@@ -393,14 +404,26 @@ def table(doc: dict) -> str:
         agree = r.get("stream_vs_materialised", {}).get("max_abs")
         be = bf.get("error_vs_fp32")
         bfs = f"{be['max_abs']:.2e} ({be['max_rel_to_max_change']:.1e})" if be else "skipped"
+        bft = f"{bf['wall_s']:.2f} ({bf['cpu_s']:.2f})" if be else "skipped"
         ts = r.get("train_step")
         step_s = "" if ts is None else f"{ts['wall_s']:.2f}"
         share = "" if ts is None else f"{100 * r['overhead_per_1000_steps']:.2f}%"
         lines.append(
             f"| {r['params']:,} | {r['edges']:,} | {r['compile']['wall_s']:.2f} | {st['wall_s']:.2f} ({st['cpu_s']:.2f}) "
             f"| {st['us_per_edge_cpu']:.2f} | {mib(st['peak_added_bytes'])} | {gib(r['process_peak_bytes'])} / "
-            f"{gib(r['budget_bytes'])} | {mat} | {mat_mem} | {'' if agree is None else format(agree, '.1e')} | {bfs} | "
+            f"{gib(r['budget_bytes'])} | {mat} | {mat_mem} | {'' if agree is None else format(agree, '.1e')} | {bft} | {bfs} | "
             f"{step_s} | {share} |")
+    subs = [(r["params"], r["stream"], r["stream_subgraphs"]) for r in doc["sizes"].values() if "stream_subgraphs" in r]
+    if subs:
+        lines += ["", "Per-block subgraph mode (`subgraphs=\"auto\"`: one group per transformer block, embeddings and "
+                  "final norm together), against the whole-graph streamed pass:", "",
+                  "| params | groups | wall s (CPU s) | peak added MiB (whole graph) | max abs difference "
+                  "(rel. to max change) |", "|---|---|---|---|---|"]
+        for p, st, sg in sorted(subs, key=lambda x: x[0]):
+            d = sg["difference_vs_whole_graph"]
+            lines.append(f"| {p:,} | {sg['groups']} | {sg['wall_s']:.2f} ({sg['cpu_s']:.2f}) | "
+                         f"{mib(sg['peak_added_bytes'])} ({mib(st['peak_added_bytes'])}) | {d['max_abs']:.2e} "
+                         f"({d['max_rel_to_max_change']:.2f}) |")
     real = doc.get("real")
     if real:
         lines += ["", f"Real trajectories (nowcaster: {real.get('nowcaster')}); max abs error over all parameters:", "",
@@ -459,6 +482,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16-max", type=float, default=2e6, help="largest model for the bf16 measurement")
     ap.add_argument("--chunk", type=int, default=0, help="edges per tile (0: nowcast.stream.DEFAULT_CHUNK)")
     ap.add_argument("--no-train-step", action="store_true")
+    ap.add_argument("--subgraphs", action="store_true", help="also time the per-block subgraph mode")
     ap.add_argument("--real", action="store_true", help="also measure errors on real trajectories")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -480,7 +504,8 @@ def main(argv=None) -> int:
             if s not in SHAPES:
                 ap.error(f"unknown size {s:g}; choose among {sorted(SHAPES)}")
             spec = {"target": s, "mat_limit_gb": args.mat_limit_gb, "bf16_max": args.bf16_max,
-                    "chunk": args.chunk or None, "train_step": not args.no_train_step}
+                    "chunk": args.chunk or None, "train_step": not args.no_train_step,
+                    "subgraphs": args.subgraphs}
             print(f"size ~{s:.0e} ...", flush=True)
             res = run_worker(spec, args.timeout)
             res["command"] = command
