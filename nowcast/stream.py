@@ -51,6 +51,7 @@ import bisect
 import math
 import re
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 from typing import Callable, Iterator, Sequence
 
@@ -78,9 +79,6 @@ class Affine:
 
     def cast(self, dtype: torch.dtype) -> "Affine":
         return Affine(self.weight.to(dtype), self.bias.to(dtype))
-
-    def rows(self, lo: int, hi: int) -> "Affine":
-        return Affine(self.weight[lo:hi], self.bias[:, lo:hi])
 
 
 def _compose(consumer_w: torch.Tensor, consumer_b: torch.Tensor | None, producer_w: torch.Tensor,
@@ -244,7 +242,7 @@ class _Scaler:
 class _BlockView:
     """A parameter block as a (rows, cols) grid of edges over its first and second node axes."""
 
-    def __init__(self, graph, block, states: torch.Tensor, out: torch.Tensor):
+    def __init__(self, block, states: torch.Tensor, out: torch.Tensor):
         self.block = block
         self.rows = block.first.numel()
         self.cols = block.num_edges // self.rows  # per group for grouped weights
@@ -321,7 +319,7 @@ class _Stream:
 
         self.sources: list[tuple[Source, _BlockView | None, slice | None, slice | None]] = []
         for b in blocks:
-            view = _BlockView(graph, b, states, out)
+            view = _BlockView(b, states, out)
             s = Source(b, b.edge_type, first=loc(b.first), second=loc(b.second))
             self.sources.append((s, view, _as_slice(s.first), _as_slice(s.second)))
         for a in aux:
@@ -381,19 +379,19 @@ class _Stream:
                         rsl = None if first_sl is None else slice(first_sl.start + r0, first_sl.start + r1)
                         csl = None if second_sl is None else slice(second_sl.start + off + c0,
                                                                    second_sl.start + off + c1)
-                        write = None
-                        if with_write:
-                            def write(p, scales=scales, r0=r0, r1=r1, c0=c0, c1=c1, flip=not b.src_is_first,
-                                      view=view):
-                                if flip:
-                                    p = p.transpose(0, 1)
-                                view.write(self.scaler, self.model.exact_unscale, scales, p, r0, r1, c0, c1)
+                        write = (partial(self._write, view, scales, (r0, r1, c0, c1), not b.src_is_first)
+                                 if with_write else None)
                         f = f.reshape(r1 - r0, c1 - c0, width * T)
                         if b.src_is_first:
                             yield Tile(f.contiguous(), cid, rid, True, s.edge_type, width, csl, rsl, write)
                         else:  # sources are the second axis: put them first
                             f = f.transpose(0, 1).contiguous()
                             yield Tile(f, rid, cid, True, s.edge_type, width, rsl, csl, write)
+
+    def _write(self, view: _BlockView, scales, box: tuple[int, int, int, int], flip: bool,
+               pred: torch.Tensor) -> None:
+        """(sources, targets, width) scaled predictions of a tile into the output parameters."""
+        view.write(self.scaler, self.model.exact_unscale, scales, pred.transpose(0, 1) if flip else pred, *box)
 
     # -- per-tile arithmetic --------------------------------------------------------------------------
     def _node(self, x: torch.Tensor, tile: Tile, target: bool) -> torch.Tensor:
