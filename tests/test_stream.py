@@ -238,7 +238,8 @@ PROBE = textwrap.dedent("""
         return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 
     def peak_added(fn):
-        open("/proc/self/clear_refs", "w").write("5")  # reset the resident high-water mark
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the resident high-water mark
         base = kib("VmRSS")
         fn()
         return (kib("VmHWM") - base) * 1024
@@ -246,6 +247,12 @@ PROBE = textwrap.dedent("""
     def mlp(w):
         return nn.Sequential(nn.Linear(w, w), nn.Tanh(), nn.Linear(w, w))
 
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        print(json.dumps({"skip": f"cannot reset the peak-RSS counter: {e}"}))
+        sys.exit(0)
     torch.manual_seed(0)
     w, hidden, chunk = 384, 64, 512
     gnn = NiNoGNN(hidden=hidden).eval()
@@ -277,6 +284,8 @@ def test_streamed_pass_never_holds_an_edges_by_hidden_tensor(tmp_path):
     run = subprocess.run([sys.executable, str(script), "both"], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     r = json.loads(run.stdout.strip().splitlines()[-1])
+    if "skip" in r:
+        pytest.skip(r["skip"])
     e_by_d = r["edges"] * r["hidden"] * 4
     stats = 2 * STATS_ROWS * 5 * 8  # one float64 row block of the scaling statistics and its deviations
     bound = (4 * r["params"] + 16 * r["nodes"] * r["hidden"] * 4 + 16 * r["chunk"] * r["hidden"] * 4
