@@ -3,8 +3,8 @@
 
 Models are GPT-2 style (``transformers.GPT2LMHeadModel`` from a config: no download, tied head,
 ``n_embd``/``n_layer`` growing with the target size and the vocabulary sized to land on it), from
-about 1e4 to 1e8 parameters. Each size runs in a fresh Python process (``--worker``), one torch
-thread:
+about 1e4 to 1e8 parameters. Each size runs in a fresh Python process (``--worker``), one thread
+(torch, and the BLAS of numpy/scipy through ``OMP/OPENBLAS/MKL_NUM_THREADS=1``):
 
 1. build the model (seed 0) and compile its ``nino`` graph (LPE 8): wall time and peak memory;
 2. states: (params, 5) float32, a random walk (step 1e-3) ending at the model's parameters;
@@ -354,9 +354,17 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def worker_env() -> dict:
+    """One thread everywhere: torch is set in the worker; numpy/scipy's BLAS (the LPE of
+    ``neugraph.compile``) would otherwise start its own threads, which spin on a shared machine."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
 def run_worker(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = worker_env()
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     try:
@@ -516,7 +524,7 @@ def main(argv=None) -> int:
             args.out.write_text(json.dumps(doc, indent=1))
         if args.real:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--real-worker"]
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+            env = worker_env()
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.timeout)
             doc["real"] = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-3000:]}
             doc["real"]["command"] = command
