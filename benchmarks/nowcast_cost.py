@@ -17,6 +17,8 @@ about 1e4 to 1e8 parameters. Each size runs in a fresh Python process (``--worke
    (``time.process_time``; the machine is shared, CPU time is the steadier figure), the peak
    resident memory the nowcast added (``VmHWM`` after resetting it through /proc/self/clear_refs,
    minus ``VmRSS`` before) and the process's peak so far;
+   The process peak is the high-water mark during the nowcast (model, states, result and the
+   Python runtime included); the compile's own peak is reported beside its time.
 5. agreement: max abs difference streamed - materialised; bf16 - float32 (max, mean, and the max
    relative to the largest predicted change ``|pred - newest|``); with ``--subgraphs`` also the
    per-block subgraph mode (``subgraphs="auto"``): time, memory and its difference from the
@@ -394,12 +396,13 @@ def mib(b) -> str:
 
 
 def table(doc: dict) -> str:
-    head = ("| params | edges | compile s | stream wall s (CPU s) | stream us/edge (CPU) | stream peak added MiB | "
-            "process peak GiB / budget | materialised wall s (CPU s) | materialised peak added MiB | "
+    head = ("| params | edges | compile wall s (peak added MiB) | stream wall s (CPU s) | stream us/edge (CPU) | "
+            "stream peak added MiB | process RSS peak during the nowcast GiB / budget | materialised wall s (CPU s) | "
+            "materialised peak added MiB | "
             "max abs stream - mat | bf16 wall s (CPU s) | bf16 max abs err (rel. to max change) | train step s | "
             "nowcast / 1000 steps |")
-    lines = ["All figures CPU (2 shared cores, one torch thread); command per row in the JSON "
-             "(`benchmarks/results/nowcast_cost.json`).", "", head, "|" + "---|" * (head.count("|") - 1)]
+    lines = ["All figures CPU (2 shared cores, one thread); command per row in the JSON "
+             "(`benchmarks/results/nowcast_cost.json`). Budget: (ctx + 3) x params x 4 bytes + 2 GiB.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for key in sorted(doc["sizes"], key=float):
         r = doc["sizes"][key]
         if "error" in r:
@@ -416,7 +419,8 @@ def table(doc: dict) -> str:
         step_s = "" if ts is None else f"{ts['wall_s']:.2f}"
         share = "" if ts is None else f"{100 * r['overhead_per_1000_steps']:.2f}%"
         lines.append(
-            f"| {r['params']:,} | {r['edges']:,} | {r['compile']['wall_s']:.2f} | {st['wall_s']:.2f} ({st['cpu_s']:.2f}) "
+            f"| {r['params']:,} | {r['edges']:,} | {r['compile']['wall_s']:.2f} ({mib(r['compile']['peak_added_bytes'])}) "
+            f"| {st['wall_s']:.2f} ({st['cpu_s']:.2f}) "
             f"| {st['us_per_edge_cpu']:.2f} | {mib(st['peak_added_bytes'])} | {gib(r['process_peak_bytes'])} / "
             f"{gib(r['budget_bytes'])} | {mat} | {mat_mem} | {'' if agree is None else format(agree, '.1e')} | {bft} | {bfs} | "
             f"{step_s} | {share} |")
