@@ -444,7 +444,7 @@ class MetaTrainConfig:
     warmup: int = 0
     weight_decay: float = 1e-2
     clip: float = 5.0
-    period: int = 1000
+    period: int | list[int] = 1000  # a list: one period per --tasks entry (tasks with different schedules)
     lpe_flip: bool = True
     permute: bool = False
     amp: bool = True
@@ -807,6 +807,15 @@ def compile_task(name: str, lpe: int = 8):
     return graph, ir
 
 
+def _periods(text: str) -> int | list[int]:
+    """``--period`` value: ``P`` (every task) or ``P1,P2,...`` (one per ``--tasks`` entry)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--period takes P or P1,P2,... (whole numbers), got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def _max_runs(text: str) -> int | list[int]:
     """``--max-runs`` value: ``N`` (every store) or ``N1,N2,...`` (one per ``--data`` root)."""
     try:
@@ -837,8 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warm-up steps (default {d.warmup})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay ({d.weight_decay})")
     p.add_argument("--clip", type=float, default=d.clip, help=f"gradient-norm clip (default {d.clip})")
-    p.add_argument("--period", type=int, default=d.period,
-                   help=f"steps covered by a window: states every period/ctx steps (default {d.period})")
+    p.add_argument("--period", type=_periods, default=d.period,
+                   help=f"steps covered by a window: states every period/ctx steps (default {d.period}); "
+                        "P1,P2,... gives one per --tasks entry (e.g. each task's own Task.period)")
     p.add_argument("--no-lpe-flip", action="store_true", help="do not flip LPE signs at random (on by default)")
     p.add_argument("--permute", action="store_true",
                    help="augment each window with a random neuron permutation of its model (off by default)")
@@ -889,10 +899,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(limits) != len(roots):
         raise MetaTrainError(f"--max-runs gives {len(limits)} values for {len(roots)} --data roots; give one value, "
                              "or one per root in the same order")
-    for name in names:
+    periods = cfg.period if isinstance(cfg.period, list) else [cfg.period] * len(names)
+    if len(periods) != len(names):
+        raise MetaTrainError(f"--period gives {len(periods)} values for {len(names)} --tasks; give one value, or one "
+                             "per task in the same order")
+    for name, period in zip(names, periods):
         graph, ir = compile_task(name, lpe=probe.lpe)
         for root, limit in zip(roots, limits):  # one TrajectoryTask per store; each holds out its own last runs
-            td = load_task(name, Path(root) / name, graph, period=cfg.period, ctx=probe.ctx,
+            td = load_task(name, Path(root) / name, graph, period=period, ctx=probe.ctx,
                            horizon=probe.max_horizon, val_fraction=cfg.val_fraction, ir=ir, max_runs=limit)
             tasks.append(td)
             info.append({"task": name, "store": str(Path(root) / name), "runs": int(td.states.shape[0]),

@@ -368,3 +368,20 @@ def test_cli_reads_several_stores_of_one_task(store, graph_ir, tmp_path, monkeyp
         mt.main(["--data", f"{store.parent},{tmp_path / 'missing'}", "--tasks", "tiny", "--steps", "1",
                  "--period", str(PERIOD), "--hidden", "16", "--layers", "2", "--no-progress",
                  "--out", str(tmp_path / "run2")])
+
+
+def test_cli_takes_one_period_per_task(store, graph_ir, tmp_path, monkeypatch):
+    """``--period P1,P2``: each task's windows use its own period (its stride in saves follows)."""
+    write_store(store.parent, name="tiny2")
+    monkeypatch.setattr(mt, "compile_task", lambda name, lpe=8: graph_ir)
+    out = tmp_path / "run"
+    common = ["--data", str(store.parent), "--tasks", "tiny,tiny2", "--steps", "1", "--batch", "2", "--hidden", "16",
+              "--layers", "2", "--no-progress", "--val-windows", "2"]
+    assert mt.main(common + ["--period", f"{PERIOD},{2 * PERIOD}", "--out", str(out)]) == 0
+    tasks = json.loads((out / "config.json").read_text())["tasks"]
+    stride = PERIOD // 5 // SAVE_EVERY
+    assert [(t["task"], t["stride_saves"]) for t in tasks] == [("tiny", stride), ("tiny2", 2 * stride)]
+    with pytest.raises(mt.MetaTrainError, match="3 values for 2 --tasks"):
+        mt.main(common + ["--period", f"{PERIOD},{PERIOD},{PERIOD}", "--out", str(tmp_path / "run2")])
+    with pytest.raises(SystemExit):
+        mt.main(common + ["--period", "20,x", "--out", str(tmp_path / "run3")])
