@@ -1,0 +1,63 @@
+"""benchmarks/acceleration.py's summary: medians with "not reached", bounds, stale runs left out."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def acc():
+    spec = importlib.util.spec_from_file_location("acceleration_bench", ROOT / "benchmarks" / "acceleration.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def record(acc, task: str, method: str, seed: int, steps_to_target, final: float, **kw) -> dict:
+    t = acc.get_task(task)
+    rec = {"task": task, "method": method, "seed": seed, "steps": t.steps, "eval_every": t.eval_every,
+           "target_every": t.target_every if 0 < t.target_every < t.eval_every else 0, "metric": t.metric,
+           "target": t.target, "eval_steps": [0, t.steps], "scores": [0.0, final], "steps_to_target": steps_to_target,
+           "final_score": final, "nowcasts": 0, "nowcasts_rejected": 0, "wall_time_s": 1.0,
+           "checkpoint_sha256": acc.checkpoint_sha256(method)}
+    rec.update(kw)
+    return rec
+
+
+def write(out: Path, acc, recs: list[dict]) -> None:
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    for r in recs:
+        acc.run_file(out, r["task"], r["method"], r["seed"], r["steps"]).write_text(json.dumps(r))
+
+
+def test_medians_bounds_and_stale_runs(acc, tmp_path):
+    recs = [record(acc, "pydocs-3-24", "adamw", s, x, f) for s, x, f in [(0, 3600, 6.7), (1, None, 6.8), (2, None, 6.9)]]
+    recs += [record(acc, "pydocs-3-24", "linefit", s, x, f) for s, x, f in [(0, 2700, 6.5), (1, 3000, 6.9), (2, None, 7.0)]]
+    recs += [record(acc, "pydocs-3-24", "nino-ours", 0, 100, 1.0, checkpoint_sha256="not-the-shipped-file")]
+    write(tmp_path, acc, recs)
+    summary = acc.write_summary(tmp_path, {})
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"adamw", "linefit"}  # the run of another checkpoint is not counted ...
+    assert len(summary["stale_runs"]) == 1 and "checkpoint file changed" in summary["stale_runs"][0]
+    assert rows["adamw"]["median_steps_to_target"] is None  # two of three not reached
+    assert rows["linefit"]["median_steps_to_target"] == 3000
+    assert rows["linefit"]["reduction_pct"] is None and rows["linefit"]["reduction_at_least_pct"] == 25.0
+    assert rows["linefit"]["final_vs_adamw"] == pytest.approx(0.1)
+    table = (tmp_path / "acceleration.md").read_text()
+    assert ">= 25.0% (AdamW: not reached in 4,000)" in table and "+0.10 (+1.5%)" in table
+    assert "Not counted (1 cached runs" in table  # ... and the table says so
+
+
+def test_reduction_against_a_reached_median(acc, tmp_path):
+    recs = [record(acc, "fm16", "adamw", s, x, 89.6) for s, x in [(0, 9000), (1, 8000), (2, None)]]
+    recs += [record(acc, "fm16", "linefit+", s, x, 89.7) for s, x in [(0, 4000), (1, 6000), (2, 5000)]]
+    write(tmp_path, acc, recs)
+    rows = {r["method"]: r for r in acc.summarise(tmp_path)["rows"]}
+    assert rows["adamw"]["median_steps_to_target"] == 9000
+    assert rows["linefit+"]["reduction_pct"] == pytest.approx(100 * (1 - 5000 / 9000), abs=0.05)
+    assert rows["linefit+"]["seeds"] == [0, 1, 2]
