@@ -17,6 +17,8 @@ one plot per task) is rebuilt from every cached run each time.
     python benchmarks/acceleration.py --tasks fm16 --seeds 0,1,2            # all methods
     python benchmarks/acceleration.py --tasks fm16 --methods adamw,nino-ours --seeds 0
     python benchmarks/acceleration.py --summary-only                          # rebuild table/plots
+    python benchmarks/acceleration.py --tasks bible-3-24 --methods nino-ours --ours CAND.safetensors \
+        --out benchmarks/results/candidates/NAME                               # a candidate, before shipping
 
 Methods: ``adamw``; ``linefit``, ``linefit+`` (no weights); ``wnn+`` (published ``nino_mlp.pt``);
 ``nino-published`` (published ``nino_no_posw.pt``); ``nino-ours`` (the checkpoint shipped in the
@@ -60,42 +62,56 @@ def reference_dir() -> Path:
     return Path(env) if env else ROOT.parent / "shared" / "reference" / "checkpoints"
 
 
+OURS: Optional[Path] = None  # --ours: the checkpoint measured as nino-ours (default: the shipped one)
+
+
+def method_file(name: str) -> Optional[Path]:
+    """The checkpoint file a method loads (None for methods without one)."""
+    from nowcast.cli import SHIPPED_CHECKPOINT
+
+    ours = OURS or SHIPPED_CHECKPOINT
+    files = {"wnn+": reference_dir() / "nino_mlp.pt", "nino-published": reference_dir() / "nino_no_posw.pt",
+             "nino-ours": ours, "nino-ours-dynamic": ours}
+    return files.get(name)
+
+
 def make_method(name: str, task_period: int = 1000) -> tuple[Any, Any]:
     """(nowcaster or None, period) for a method name; raises FileNotFoundError for a missing checkpoint.
 
     The constant period is the task's own (``Task.period``: 1000 for the paper's vision tasks, a
     tenth of the budget for the short language tasks); the dynamic one spans a fifth to twice it.
     """
-    from nowcast.cli import SHIPPED_CHECKPOINT
-
     if name == "adamw":
         return None, task_period
     if name == "linefit":
         return nowcast.Linefit(), task_period
     if name == "linefit+":
         return nowcast.LinefitPlus(), task_period
-    files = {"wnn+": reference_dir() / "nino_mlp.pt", "nino-published": reference_dir() / "nino_no_posw.pt",
-             "nino-ours": SHIPPED_CHECKPOINT, "nino-ours-dynamic": SHIPPED_CHECKPOINT}
-    if name not in files:
+    path = method_file(name)
+    if path is None:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    path = files[name]
     if not Path(path).is_file():
         raise FileNotFoundError(f"{name}: checkpoint {path} not found")
     dynamic = DynamicPeriod(min_period=task_period // 5, max_period=2 * task_period)
     return nowcast.load(path), dynamic if name.endswith("-dynamic") else task_period
 
 
-@functools.lru_cache(maxsize=None)
 def checkpoint_sha256(method: str) -> Optional[str]:
     """SHA-256 of the checkpoint file a method loads (None for methods without one)."""
+    path = method_file(method)
+    return _sha256(Path(path)) if path and Path(path).is_file() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256_cached(path: Path, mtime_ns: int, size: int) -> str:
     import hashlib
 
-    from nowcast.cli import SHIPPED_CHECKPOINT
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    files = {"wnn+": reference_dir() / "nino_mlp.pt", "nino-published": reference_dir() / "nino_no_posw.pt",
-             "nino-ours": SHIPPED_CHECKPOINT, "nino-ours-dynamic": SHIPPED_CHECKPOINT}
-    path = files.get(method)
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    return _sha256_cached(path.resolve(), st.st_mtime_ns, st.st_size)
 
 
 def stale(rec: dict, task: Any, method: str) -> Optional[str]:
@@ -230,9 +246,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (default 1: fastest for these small models on a shared CPU)")
     p.add_argument("--force", action="store_true", help="rerun cached runs")
+    p.add_argument("--ours", type=Path, default=None,
+                   help="checkpoint measured as nino-ours (default: the shipped one); use with its own --out "
+                        "to compare a candidate before shipping it")
     p.add_argument("--summary-only", action="store_true", help="only rebuild the summary from cached runs")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    global OURS
+    OURS = args.ours
+    if OURS is not None:
+        sha = checkpoint_sha256("nino-ours") or "missing"
+        LABELS["nino-ours"] = f"NiNo (ours, candidate {sha[:8]})"
+        LABELS["nino-ours-dynamic"] = f"NiNo (ours, candidate {sha[:8]}) + dynamic period"
     if args.threads:
         torch.set_num_threads(args.threads)
     out: Path = args.out
@@ -240,7 +265,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     meta = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus", "device": "cpu",
             "torch": torch.__version__, "python": platform.python_version(),
             "command": "python benchmarks/acceleration.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "ours_checkpoint": str(method_file("nino-ours")),
+            "ours_sha256": checkpoint_sha256("nino-ours")}
     skipped = []
     if not args.summary_only:
         for task_name in args.tasks.split(","):
@@ -255,6 +281,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         if why is None:
                             continue
                         print(f"rerun {path.name}: {why}", file=sys.stderr)
+                    sha = checkpoint_sha256(m)
                     try:
                         nc, period = make_method(m, task.period)
                     except FileNotFoundError as e:
@@ -264,7 +291,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     rec = run_training(task, seed, method=m, nowcaster=nc, steps=steps, eval_every=args.eval_every,
                                        data=data, period=period, progress=not args.no_progress)
                     rec["machine"], rec["torch"] = meta["machine"], meta["torch"]
-                    rec["checkpoint_sha256"] = checkpoint_sha256(m)
+                    if checkpoint_sha256(m) != sha:  # replaced while it ran: the record would lie
+                        print(f"not saved: {m}'s checkpoint file changed during the run", file=sys.stderr)
+                        continue
+                    rec["checkpoint_sha256"] = sha
                     path.write_text(json.dumps(rec))
                     print(f"{task.name} {m} seed {seed}: steps to target {rec['steps_to_target']}, "
                           f"final {rec['final_score']:.3f}, {rec['wall_time_s']:.0f} s", flush=True)

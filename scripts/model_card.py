@@ -20,6 +20,17 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def describe(task: str) -> str:
+    """One line on a registered task: dataset, network, optimizer settings."""
+    from nowcast.tasks import get_task
+    t = get_task(task)
+    if t.kind == "vision":
+        return f"{t.dataset}, the paper's FM/{t.arch['channels']} network, AdamW lr {t.lr}, batch {t.batch_size}"
+    a = t.arch
+    return (f"{t.dataset} {a['tokenizer']}-level, {a['family']} {a['layers']} layers x {a['d_model']}, "
+            f"{a['heads']} heads, context {a['context']}, AdamW lr {t.lr}, batch {t.batch_size}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--traj", type=Path, nargs="+", required=True, help="the trajectory stores (<root>/fm16 ...)")
@@ -47,6 +58,9 @@ def main() -> None:
         shutil.copyfile(args.run / "loss.png", ROOT / "docs" / "model_card_loss.png")
     c = cfg.get("config", cfg)
     n_val = sum(max(1, round(c.get("val_fraction", 0.1) * n)) if n > 1 else 0 for n in per_store)
+    period = c.get("period", 1000)
+    periods = ", ".join(f"{p} ({m['task']})" for p, m in zip(period, metas)) if isinstance(period, list) else period
+    spacing = ", ".join(str(p // 5) for p in period) if isinstance(period, list) else period // 5
     lines = [
         "# Model card: `nino_ours` (the nowcaster shipped with neural-nowcasting)",
         "",
@@ -60,20 +74,21 @@ def main() -> None:
         f"- weights: {summary.get('weights', 0):,}",
         "",
         "## Data",
-        f"- Task `{meta['task']}` (Fashion-MNIST, the paper's FM/16 network, AdamW, batch 128), collected with",
-        "  `bash scripts/make_checkpoint.sh collect`: runs trained with `torch.optim.AdamW`, parameters saved every",
-        f"  {meta['save_every']} steps over {meta['steps']:,} steps.",
-        f"- Stores: {', '.join(f'`{t}` ({n} runs)' for t, n in zip(args.traj, per_store))}; {n_used} runs in all "
-        f"(seeds {seeds}, learning rates {[round(x, 5) if x else None for x in lrs]}); the last run of each store, "
-        f"{n_val} in all, held out for validation.",
-        f"- Saves complete per run at training time: {done} of {meta['n_saves']}.",
+        "- Collected with `bash scripts/make_checkpoint.sh collect`: runs trained with `torch.optim.AdamW` (the task's",
+        "  settings, learning rate jittered per run), parameters saved every few steps over each task's budget.",
+        *[f"- `{t}`: task `{m['task']}` ({describe(m['task'])}), {n} runs (seeds {(m.get('seeds') or list(range(m['runs'])))[:n]}, "
+          f"learning rates {[round(x, 5) if x else None for x in (m.get('lrs') or [None] * m['runs'])[:n]]}), saved every "
+          f"{m['save_every']} steps over {m['steps']:,} steps; saves complete per run at training time "
+          f"{m['done'][:n]} of {m['n_saves']}."
+          for t, m, n in zip(args.traj, metas, per_store)],
+        f"- {n_used} runs in all; the last run of each store, {n_val} in all, held out for validation.",
         "- The benchmark seeds (0, 1, 2) are not among the meta-training seeds.",
         "",
         "## Training",
         f"- `bash scripts/make_checkpoint.sh train`: {c.get('steps')} AdamW steps, {c.get('batch')} windows per step "
         f"({c.get('per_run')} consecutive windows per sampled run), lr {c.get('lr')} cosine to {c.get('min_lr')}, "
-        f"weight decay {c.get('weight_decay')}, gradient clip {c.get('clip')}, period {c.get('period')} "
-        f"(states {c.get('period', 1000) // 5} steps apart), masked L1 in scaled space over horizons 1..40, "
+        f"weight decay {c.get('weight_decay')}, gradient clip {c.get('clip')}, period {periods} "
+        f"(states {spacing} steps apart), masked L1 in scaled space over horizons 1..40, "
         f"LPE sign flips {'on' if c.get('lpe_flip') else 'off'}, seed {c.get('seed')}.",
         f"- Final train loss {summary['train_loss']:.5f} (mean of the last 100 steps), validation loss "
         f"{summary['val_loss']:.5f} (step {summary['val_step']}); {summary['skipped_steps']} skipped steps.",
@@ -87,11 +102,16 @@ def main() -> None:
         f"- Meta-training: {sec:,.0f} s of step time, CPU ({platform.machine()}), one thread.",
         "",
         "## Limits",
-        "- Meta-trained on a handful of FM/16 trajectories only, on a CPU budget far below the published model's",
+        f"- Meta-trained on a handful of trajectories of {len(metas)} task(s) only, on a CPU budget far below the published model's",
         "  (trajectories of several tasks, 20,000 steps of 16 windows; docs/metatrain.md). The step-0 validation",
         "  loss above is the untrained network's (its predicted changes are near zero: about the no-change",
         "  baseline). Its acceleration is measured in `benchmarks/results/acceleration/` in the same runs as the",
         "  published checkpoint.",
+        *([] if any(m["task"] != "fm16" and not m["task"].startswith(("fm", "mnist")) for m in metas) else [
+            "- No language model in its meta-training data: on byte-level GPT-2-style models its nowcasts overshoot",
+            "  (bible-3-24 seed 0: final perplexity 5.50 against AdamW's 4.89, benchmarks/results/acceleration/runs/).",
+            "  For language models use the published checkpoint or the mixed recipe measured in",
+            "  `benchmarks/results/candidates/v3/`."]),
     ]
     (CKPT / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {CKPT / 'MODEL_CARD.md'}")
