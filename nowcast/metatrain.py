@@ -417,12 +417,28 @@ def window_loss(model: NiNoGNN, task: TrajectoryTask, window: Window) -> torch.T
     scaling, tensors constant over the window (their divisor is ``eps``: the nowcast returns them
     unchanged, and their scaled targets would be ``change / 1e-6``).
     """
+    return _masked_l1(model, task, window, persistence=False)
+
+
+def persistence_loss(model: NiNoGNN, task: TrajectoryTask, window: Window) -> torch.Tensor:
+    """:func:`window_loss` of the no-change prediction (every horizon = the newest state).
+
+    The floor a useful nowcaster must beat; a model whose held-out loss sits at it predicts
+    (almost) no change, the signature of a collapsed meta-training run.
+    """
+    return _masked_l1(model, task, window, persistence=True)
+
+
+def _masked_l1(model: NiNoGNN, task: TrajectoryTask, window: Window, persistence: bool) -> torch.Tensor:
     dev = next(model.parameters()).device
     states = window.states.to(dev)
     scaled, sc = scale(states, task.graph, model.scaling)  # exactly as inference scales
     shift, div = sc.rows()
     targets = (window.targets.to(dev) - shift) / div
-    pred = predict_scaled_all(model, _signed_graph(task.graph, window.lpe_sign), scaled, task.param_map)
+    if persistence:
+        pred = scaled[:, -1:].expand_as(targets)
+    else:
+        pred = predict_scaled_all(model, _signed_graph(task.graph, window.lpe_sign), scaled, task.param_map)
     rows = task.trainable.to(dev) & (div[:, 0] > sc.eps)
     mask = window.mask.to(dev)
     err = (pred - targets).abs()[rows][:, mask]
@@ -583,18 +599,39 @@ class MetaTrainer:
 
         Held-out windows whose states are not finite are left out.
         """
+        return self.evaluate_by_task(windows)["all"]
+
+    @torch.no_grad()
+    def evaluate_by_task(self, windows: Sequence[Window | WindowSpec] | None = None,
+                         persistence: bool = False) -> dict[str, float]:
+        """Mean held-out loss per task name and over all windows (key ``"all"``).
+
+        ``persistence``: the no-change prediction's loss instead of the model's (:func:`persistence_loss`).
+        """
         windows = self.val if windows is None else windows
+        loss_fn = persistence_loss if persistence else window_loss
         self.model.eval()
-        losses = []
+        losses: dict[str, list[float]] = {}
         for w in windows:
             if isinstance(w, WindowSpec):
                 w = read_window(self.tasks, w)
                 if w is None:
                     continue
+            task = self.tasks[w.task]
             with self._autocast():
-                losses.append(float(window_loss(self.model, self.tasks[w.task], w)))
+                losses.setdefault(task.name, []).append(float(loss_fn(self.model, task, w)))
         self.model.train()
-        return float(np.mean(losses)) if losses else float("nan")
+        out = {name: float(np.mean(v)) for name, v in losses.items()}
+        every = [x for v in losses.values() for x in v]
+        out["all"] = float(np.mean(every)) if every else float("nan")
+        return out
+
+    def _val_record(self) -> dict:
+        by = self.evaluate_by_task()
+        rec = {"step": self.step, "val_loss": by.pop("all")}
+        if len(by) > 1:
+            rec["val_by_task"] = by
+        return rec
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _ckpt_dir(self) -> Path:
@@ -683,7 +720,12 @@ class MetaTrainer:
         stop = cfg.steps if until is None else min(until, cfg.steps)
         bar = _progress(total=cfg.steps, initial=self.step, enabled=self.progress)
         if self.step == 0 and self.val:
-            self._log({"step": 0, "val_loss": self.evaluate()})
+            rec = self._val_record()
+            base = self.evaluate_by_task(persistence=True)
+            rec["val_persistence"] = base.pop("all")
+            if len(base) > 1:
+                rec["persistence_by_task"] = base
+            self._log(rec)
         val_loss = float("nan")
         while self.step < stop:
             t0 = time.perf_counter()
@@ -694,8 +736,9 @@ class MetaTrainer:
                        "grad_norm": res.grad_norm if res.ok else None, "skipped": not res.ok,
                        "sec": round(time.perf_counter() - t0, 4)})
             if self.val and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
-                val_loss = self.evaluate()
-                self._log({"step": self.step, "val_loss": val_loss})
+                rec = self._val_record()
+                val_loss = rec["val_loss"]
+                self._log(rec)
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
             bar.update(1)
@@ -717,7 +760,10 @@ class MetaTrainer:
         train = [r["loss"] for r in records if r.get("loss") is not None]
         val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
         tail = train[-min(len(train), 100):] if train else []
-        return {"step": self.step, "steps": self.cfg.steps, "skipped_steps": self.skipped,
+        base = next((r["val_persistence"] for r in records if "val_persistence" in r), None)
+        by_task = next((r["val_by_task"] for r in reversed(records) if "val_by_task" in r), None)
+        return {"val_persistence": base if base is not None else float("nan"),
+                **({"val_by_task": by_task} if by_task else {}),"step": self.step, "steps": self.cfg.steps, "skipped_steps": self.skipped,
                 "bad_windows": self.sampler.bad_windows,
                 "train_loss": float(np.mean(tail)) if tail else float("nan"),
                 "val_loss": val[-1][1] if val else float("nan"), "val_step": val[-1][0] if val else None,
@@ -776,6 +822,9 @@ def plot_log(log: str | Path, png: str | Path) -> Path:
     if val:
         s, v = np.array(val).T
         ax.plot(s, v, "o-", color="tab:orange", label="validation (held-out runs)")
+    base = next((r["val_persistence"] for r in records if r.get("val_persistence") is not None), None)
+    if base is not None and math.isfinite(base):
+        ax.axhline(base, color="tab:gray", ls="--", lw=1, label="validation, no-change prediction")
     ax.set_xlabel("meta-training step")
     ax.set_ylabel("masked L1 (scaled space)")
     if train or val:
@@ -918,7 +967,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_jsonable(summary)))
         return 0
     print(f"step {summary['step']}/{summary['steps']}: train loss {summary['train_loss']:.5f} (mean of the last "
-          f"100 steps), val loss {summary['val_loss']:.5f} (step {summary['val_step']}), "
+          f"100 steps), val loss {summary['val_loss']:.5f} (step {summary['val_step']}; no-change prediction "
+          f"{summary['val_persistence']:.5f}), "
           f"{summary['skipped_steps']} skipped steps, {summary['bad_windows']} dropped windows")
     if "nowcaster" in summary:
         print(f"nowcaster saved to {summary['nowcaster']} (load with nowcast.load); log {Path(args.out) / LOG_FILE}, "

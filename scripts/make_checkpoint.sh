@@ -20,6 +20,8 @@ PERIODS=${PERIODS:-1000}        # one per task: each task's own Task.period (the
 MAX_RUNS=${MAX_RUNS:-8}        # runs of the store used for meta-training (all 8; see the model card)
 META_STEPS=${META_STEPS:-1500}  # held-out loss still falling at 1,500 (0.399 -> 0.320); 750 was chosen on 5 runs
 META_BATCH=${META_BATCH:-4}
+META_LR=${META_LR:-0.003}       # peak AdamW lr (the meta-trainer's default)
+META_WARMUP=${META_WARMUP:-0}
 
 case "${1:-}" in
   collect)
@@ -35,7 +37,7 @@ case "${1:-}" in
     ;;
   train)
     python -m nowcast.metatrain --data "$TRAJ" --tasks "$TASKS" --period "$PERIODS" --max-runs "$MAX_RUNS" \
-      --out "$OUT" --steps "$META_STEPS" --batch "$META_BATCH" --per-run 4 --val-windows 32 --val-every 250 --threads 1 --seed 0
+      --out "$OUT" --steps "$META_STEPS" --batch "$META_BATCH" --lr "$META_LR" --warmup "$META_WARMUP" --per-run 4 --val-windows 32 --val-every 250 --threads 1 --seed 0
     mkdir -p nowcast/checkpoints
     cp "$OUT/nowcaster/nowcaster.safetensors" nowcast/checkpoints/nino_ours.safetensors
     cp "$OUT/nowcaster/config.json" nowcast/checkpoints/nino_ours.json

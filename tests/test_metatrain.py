@@ -201,6 +201,34 @@ def test_all_horizons_match_the_inference_path(task, head):
         torch.testing.assert_close(mt.window_loss(model, task, w), want)
 
 
+def test_persistence_loss_is_the_no_change_prediction(task):
+    """A model that predicts no change scores exactly the persistence loss (the collapse floor)."""
+    model = nowcast.NiNoGNN(**TINY).eval()
+    (win, tgt, mask), = mt.read_windows(task, 1, [12])
+    w = mt.Window(0, 1, 12, win, tgt, mask)
+    with torch.no_grad():
+        base = mt.persistence_loss(model, task, w)
+        assert float(base) > 0 and not torch.isclose(mt.window_loss(model, task, w), base)
+        for p in model.head.parameters():
+            p.zero_()
+        torch.testing.assert_close(mt.window_loss(model, task, w), base)
+
+
+def test_log_reports_the_floor_and_each_task(graph_ir, tmp_path):
+    graph, ir = graph_ir
+    tasks = [mt.load_task(name, write_store(tmp_path / "traj", name=name), graph, period=PERIOD,
+                          horizon=TINY["horizon"], ir=ir) for name in ("tiny", "tiny2")]
+    summary = mt.MetaTrainer(tasks, config(steps=6, val_windows=8), tmp_path / "run", device="cpu",
+                             progress=False).run()
+    vals = [r for r in mt.read_log(tmp_path / "run" / "log.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in vals] == [0, 6]
+    first = vals[0]
+    assert set(first["persistence_by_task"]) == set(first["val_by_task"]) == {"tiny", "tiny2"}
+    assert min(first["persistence_by_task"].values()) <= first["val_persistence"] <= max(
+        first["persistence_by_task"].values())
+    assert summary["val_persistence"] == first["val_persistence"] and set(summary["val_by_task"]) == {"tiny", "tiny2"}
+
+
 def test_lpe_sign_flip_leaves_the_graph_alone(task):
     g = task.graph
     before = g.node_features.clone()
