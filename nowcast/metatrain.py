@@ -447,6 +447,48 @@ def _masked_l1(model: NiNoGNN, task: TrajectoryTask, window: Window, persistence
     return err.mean()
 
 
+@torch.no_grad()
+def heldout_losses(model: NiNoGNN, tasks: Sequence[TrajectoryTask], windows: Sequence[Window | WindowSpec],
+                   persistence: bool = False) -> dict[str, float]:
+    """Mean window loss of ``model`` per task name and over all windows (key ``"all"``).
+
+    ``persistence``: the no-change prediction's loss instead (:func:`persistence_loss`). Windows
+    whose states are not finite are left out. Puts ``model`` in eval mode.
+    """
+    loss_fn = persistence_loss if persistence else window_loss
+    model.eval()
+    losses: dict[str, list[float]] = {}
+    for w in windows:
+        if isinstance(w, WindowSpec):
+            w = read_window(tasks, w)
+            if w is None:
+                continue
+        task = tasks[w.task]
+        losses.setdefault(task.name, []).append(float(loss_fn(model, task, w)))
+    out = {name: float(np.mean(v)) for name, v in losses.items()}
+    every = [x for v in losses.values() for x in v]
+    out["all"] = float(np.mean(every)) if every else float("nan")
+    return out
+
+
+def load_for_evaluation(path: str | Path) -> NiNoGNN:
+    """A meta-training checkpoint (``.pt`` from ``checkpoints/``) or anything ``nowcast.load`` reads
+    (a ``nowcast.save`` directory, a ``.safetensors`` file, a published NiNo ``.pt``)."""
+    path = Path(path)
+    if path.suffix == ".pt" and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and {"model", "config", "step"} <= set(state):
+            model = NiNoGNN(**state["config"].get("model", {}))
+            model.load_state_dict(state["model"])
+            return model
+    from . import load
+
+    model = load(path)
+    if not isinstance(model, NiNoGNN):
+        raise MetaTrainError(f"{path} holds a {type(model).__name__}; --evaluate takes NiNo GNN nowcasters")
+    return model
+
+
 # ---- configuration -----------------------------------------------------------------------------------
 @dataclass
 class MetaTrainConfig:
@@ -608,22 +650,9 @@ class MetaTrainer:
 
         ``persistence``: the no-change prediction's loss instead of the model's (:func:`persistence_loss`).
         """
-        windows = self.val if windows is None else windows
-        loss_fn = persistence_loss if persistence else window_loss
-        self.model.eval()
-        losses: dict[str, list[float]] = {}
-        for w in windows:
-            if isinstance(w, WindowSpec):
-                w = read_window(self.tasks, w)
-                if w is None:
-                    continue
-            task = self.tasks[w.task]
-            with self._autocast():
-                losses.setdefault(task.name, []).append(float(loss_fn(self.model, task, w)))
+        with self._autocast():
+            out = heldout_losses(self.model, self.tasks, self.val if windows is None else windows, persistence)
         self.model.train()
-        out = {name: float(np.mean(v)) for name, v in losses.items()}
-        every = [x for v in losses.values() for x in v]
-        out["all"] = float(np.mean(every)) if every else float("nan")
         return out
 
     def _val_record(self) -> dict:
@@ -920,6 +949,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="require a checkpoint in --out to continue from")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the run's summary as one JSON object")
+    p.add_argument("--evaluate", default=None, metavar="PATH[,PATH...]",
+                   help="train nothing: print the held-out loss per task of these nowcasters (.safetensors or a "
+                        "nowcast.save directory) or meta-training checkpoints (.pt), and of the no-change "
+                        "prediction, on the windows a run with the same --data/--tasks/--period/--max-runs/"
+                        "--val-windows/--seed would validate on")
     return p
 
 
@@ -961,6 +995,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             info.append({"task": name, "store": str(Path(root) / name), "runs": int(td.states.shape[0]),
                          "train_runs": len(td.train_runs), "val_runs": len(td.val_runs), "save_every": td.save_every,
                          "stride_saves": td.stride, "num_params": td.num_params, "edges": td.graph.num_edges})
+    if args.evaluate:
+        return _evaluate(tasks, cfg, [p for p in args.evaluate.split(",") if p], args.json)
     trainer = MetaTrainer(tasks, cfg, args.out, device=args.device, progress=not args.no_progress, task_info=info)
     summary = trainer.run(resume=True if args.resume else None)
     if args.json:
@@ -973,6 +1009,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "nowcaster" in summary:
         print(f"nowcaster saved to {summary['nowcaster']} (load with nowcast.load); log {Path(args.out) / LOG_FILE}, "
               f"plot {Path(args.out) / PLOT_FILE}")
+    return 0
+
+
+def _evaluate(tasks: Sequence[TrajectoryTask], cfg: MetaTrainConfig, paths: Sequence[str], as_json: bool) -> int:
+    """``--evaluate``: held-out loss per task against the no-change floor (what a run would validate on)."""
+    windows = fixed_windows(tasks, cfg.val_windows, seed=cfg.seed + 1_000_003)
+    if not windows:
+        raise MetaTrainError("no held-out windows: the stores need at least one held-out run (see --val-fraction)")
+    rows = {"no-change": heldout_losses(NiNoGNN(**cfg.model), tasks, windows, persistence=True)}
+    for path in paths:
+        rows[path] = heldout_losses(load_for_evaluation(path), tasks, windows)
+    if as_json:
+        print(json.dumps(rows))
+        return 0
+    names = [k for k in rows["no-change"] if k != "all"] + ["all"]
+    print(f"held-out masked L1 ({len(windows)} windows; lower is better; 'vs no-change' is the change against it)")
+    for label, by in rows.items():
+        cells = []
+        for n in names:
+            cell = f"{n} {by.get(n, float('nan')):.4f}"
+            if label != "no-change":
+                cell += f" ({100 * (by[n] / rows['no-change'][n] - 1):+.1f}%)"
+            cells.append(cell)
+        print(f"{label}: " + ", ".join(cells))
     return 0
 
 

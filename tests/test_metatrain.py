@@ -227,6 +227,31 @@ def test_log_reports_the_floor_and_each_task(graph_ir, tmp_path):
     assert min(first["persistence_by_task"].values()) <= first["val_persistence"] <= max(
         first["persistence_by_task"].values())
     assert summary["val_persistence"] == first["val_persistence"] and set(summary["val_by_task"]) == {"tiny", "tiny2"}
+    # the trained nowcaster and its last checkpoint score what the run's last validation said
+    run = tmp_path / "run"
+    rows = {}
+    for path in (run / "nowcaster", run / "checkpoints" / "step_00000006.pt"):
+        rows[path] = mt.heldout_losses(mt.load_for_evaluation(path), tasks,
+                                       mt.fixed_windows(tasks, 8, seed=config().seed + 1_000_003))
+        assert rows[path]["all"] == pytest.approx(vals[-1]["val_loss"], rel=1e-6)
+        assert rows[path]["tiny"] == pytest.approx(vals[-1]["val_by_task"]["tiny"], rel=1e-6)
+
+
+def test_cli_evaluate_trains_nothing(store, graph_ir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mt, "compile_task", lambda name, lpe=8: graph_ir)
+    common = ["--data", str(store.parent), "--tasks", "tiny", "--period", str(PERIOD), "--hidden", "16",
+              "--layers", "2", "--no-progress", "--val-windows", "4"]
+    assert mt.main(common + ["--steps", "2", "--batch", "2", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "untouched"
+    assert mt.main(common + ["--out", str(out), "--json", "--evaluate", str(tmp_path / "run" / "nowcaster")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert not out.exists()
+    assert rows[str(tmp_path / "run" / "nowcaster")]["all"] == pytest.approx(
+        json.loads((tmp_path / "run" / "summary.json").read_text())["val_loss"], rel=1e-6)
+    assert rows["no-change"]["all"] > 0
+    assert mt.main(common + ["--evaluate", str(tmp_path / "run" / "nowcaster")]) == 0
+    assert "no-change: tiny" in capsys.readouterr().out
 
 
 def test_lpe_sign_flip_leaves_the_graph_alone(task):
@@ -413,3 +438,17 @@ def test_cli_takes_one_period_per_task(store, graph_ir, tmp_path, monkeypatch):
         mt.main(common + ["--period", f"{PERIOD},{PERIOD},{PERIOD}", "--out", str(tmp_path / "run2")])
     with pytest.raises(SystemExit):
         mt.main(common + ["--period", "20,x", "--out", str(tmp_path / "run3")])
+
+
+PUBLISHED = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "checkpoints" / "nino_no_posw.pt"
+
+
+@pytest.mark.skipif(not PUBLISHED.is_file(), reason="published checkpoint not found (../shared/reference is beside "
+                                                     "the repository in CI)")
+def test_evaluate_reads_a_published_checkpoint(store, graph_ir):
+    """A published NiNo ``.pt`` is not mistaken for a meta-training checkpoint."""
+    model = mt.load_for_evaluation(PUBLISHED)
+    assert isinstance(model, nowcast.NiNoGNN)
+    task = mt.load_task("tiny", store, graph_ir[0], period=PERIOD, horizon=model.max_horizon)
+    windows = mt.fixed_windows([task], 2, seed=1)
+    assert np.isfinite(mt.heldout_losses(model, [task], windows)["all"])
