@@ -53,7 +53,7 @@ from nowcast.train import run_training  # noqa: E402
 METHODS = ["adamw", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours", "nino-ours-dynamic"]
 LABELS = {"adamw": "AdamW", "linefit": "Linefit", "linefit+": "Linefit+", "wnn+": "WNN+ (published)",
           "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, shipped)",
-          "nino-ours-dynamic": "NiNo (ours) + dynamic period"}
+          "nino-ours-dynamic": "NiNo (ours, shipped) + dynamic period"}
 OUT = ROOT / "benchmarks" / "results" / "acceleration"
 
 
