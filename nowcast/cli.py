@@ -170,7 +170,7 @@ def cmd_demo(args: argparse.Namespace, explicit_task: bool) -> int:
     base = run_training(task, args.seed, method="adamw", **common)
     label = f"adamw+{args.nowcaster if args.nowcaster in ('default', 'published', 'linefit', 'linefit+') else type(nowcaster).__name__}"
     nino = run_training(task, args.seed, method=label, nowcaster=nowcaster, period=_period(args), ctx=args.ctx,
-                        **common)
+                        guard=args.guard, **common)
     red = _reduction(base["steps_to_target"], nino["steps_to_target"])
     summary = {"task": task.name, "seed": args.seed, "steps": steps, "target": task.target, "metric": task.metric,
                "target_note": task.target_note, "nowcaster": args.nowcaster, "fallback_note": note,
@@ -220,7 +220,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     nowcaster = resolve_nowcaster(args.nowcaster) if args.nowcaster else None
     record = run_training(task, args.seed, method=args.method or "adamw",
                           nowcaster=nowcaster, steps=args.steps, eval_every=args.eval_every,
-                          period=_period(args), ctx=args.ctx, progress=not args.no_progress, log=args.log)
+                          period=_period(args), ctx=args.ctx, progress=not args.no_progress, log=args.log,
+                          guard=args.guard if nowcaster is not None else None)
     text = json.dumps(record, indent=1)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +323,9 @@ def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dynamic-period", action="store_true",
                    help="nowcast often early and rarely late (nowcast.schedule.DynamicPeriod defaults)")
     p.add_argument("--ctx", type=int, default=5, help="parameter states per nowcast (default 5)")
+    p.add_argument("--guard", type=float, default=None, metavar="FACTOR",
+                   help="undo a nowcast whose training loss on its step's batch exceeds FACTOR times the loss "
+                        "before it (1.0: any increase; default: no check)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
 

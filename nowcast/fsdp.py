@@ -182,7 +182,7 @@ class ShardedNiNo(NiNo):
             raise NowcastError(f"{outcome['error']}. The model's parameters and NiNo's state were not changed; "
                                "calling step() again retries the nowcast")
         reason = outcome["reason"]
-        loss = loss_before
+        loss, loss_after = loss_before, None
         if reason is None:
             backup = [self._local(self._params[i]).detach().clone() for i in self._tracked] if closure else None
             self._write_blocks(pred, _DTYPES[outcome["dtype"]])
@@ -198,7 +198,7 @@ class ShardedNiNo(NiNo):
                     loss = loss_after
                 else:
                     self._restore(backup)
-        self._finish(s, k, reason)
+        self._finish(s, k, reason, loss_before, loss_after)
         return loss
 
     @torch.no_grad()

@@ -429,6 +429,19 @@ def persistence_loss(model: NiNoGNN, task: TrajectoryTask, window: Window) -> to
     return _masked_l1(model, task, window, persistence=True)
 
 
+def relative_window_loss(model: NiNoGNN, task: TrajectoryTask, window: Window) -> torch.Tensor:
+    """:func:`window_loss` divided by the window's no-change loss (1.0 = no better than no change).
+
+    On mixed data the plain loss is dominated by the tasks whose windows move most in scaled space
+    (byte-level language models: no-change loss ~1.5x FM/16's), and predicting no change is a strong
+    attractor; the ratio gives every window the same weight in "improvement over no change".
+    """
+    with torch.no_grad():
+        floor = persistence_loss(model, task, window).float()
+    loss = window_loss(model, task, window)
+    return loss / floor.clamp_min(1e-8)
+
+
 def _masked_l1(model: NiNoGNN, task: TrajectoryTask, window: Window, persistence: bool) -> torch.Tensor:
     dev = next(model.parameters()).device
     states = window.states.to(dev)
@@ -514,10 +527,12 @@ class MetaTrainConfig:
     ckpt_every: int = 200
     keep: int = 2
     model: dict = field(default_factory=dict)  # NiNoGNN arguments (defaults: the published architecture)
+    relative: bool = False  # train on each window's loss divided by its no-change loss (relative_window_loss)
+    init: str | None = None  # start from this nowcaster's weights (load_for_evaluation) instead of a random init
 
     # keys that change the weights the run produces (a resumed run must agree on them)
     TRAINING_KEYS = ("steps", "batch", "per_run", "lr", "min_lr", "warmup", "weight_decay", "clip", "period",
-                     "lpe_flip", "permute", "amp", "seed", "val_fraction", "model")
+                     "lpe_flip", "permute", "amp", "seed", "val_fraction", "model", "relative", "init")
 
     def __post_init__(self):
         for key in ("steps", "batch", "per_run", "val_every", "ckpt_every"):
@@ -580,7 +595,10 @@ class MetaTrainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress, self.task_info = progress, task_info or {}
         torch.manual_seed(config.seed)
-        self.model = NiNoGNN(**config.model).to(self.device).train()
+        self.model = NiNoGNN(**config.model)
+        if config.init:
+            self._warm_start(config.init)
+        self.model = self.model.to(self.device).train()
         for t in self.tasks:
             if t.ctx != self.model.ctx or t.horizon != self.model.max_horizon:
                 raise MetaTrainError(f"task {t.name}: loaded with ctx={t.ctx}, horizon={t.horizon} but the model "
@@ -598,6 +616,15 @@ class MetaTrainer:
         self.val = fixed_windows(self.tasks, config.val_windows, seed=config.seed + 1_000_003)
         self.step, self.skipped = 0, 0
         self.amp = bool(config.amp and self.device.type == "cuda")
+        self._loss = relative_window_loss if config.relative else window_loss
+
+    def _warm_start(self, path: str) -> None:
+        src = load_for_evaluation(path)
+        if src.config != self.model.config:
+            diff = {k: (v, self.model.config.get(k)) for k, v in src.config.items() if self.model.config.get(k) != v}
+            raise MetaTrainError(f"--init {path}: its architecture differs from the model being trained (theirs, ours: "
+                                 f"{diff}); pass the same --hidden/--layers/--head as the run that made it")
+        self.model.load_state_dict(src.state_dict())
 
     # ---- one step ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -615,7 +642,7 @@ class MetaTrainer:
         finite = True
         for w in windows:
             with self._autocast():
-                loss = window_loss(self.model, self.tasks[w.task], w) / len(windows)
+                loss = self._loss(self.model, self.tasks[w.task], w) / len(windows)
             if not torch.isfinite(loss):
                 finite = False
                 total = float("nan")
@@ -939,6 +966,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=d.val_every, help=f"validate every N steps ({d.val_every})")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help=f"checkpoint every N steps ({d.ckpt_every})")
     p.add_argument("--keep", type=int, default=d.keep, help=f"checkpoints kept (default {d.keep})")
+    p.add_argument("--relative", action="store_true",
+                   help="train on each window's loss divided by its no-change loss, so tasks whose windows move "
+                        "more do not dominate mixed data (validation still reports the plain loss)")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="start from this nowcaster's weights (.safetensors, a nowcast.save directory or a "
+                        "meta-training .pt) instead of a random init: fine-tune a checkpoint on more data")
     p.add_argument("--hidden", type=int, default=128, help="GNN hidden size (default 128, the published model)")
     p.add_argument("--layers", type=int, default=3, help="message-passing layers (default 3)")
     p.add_argument("--head", default="mlp", choices=("mlp", "gru", "lstm"), help="DMS head (default mlp)")
@@ -973,7 +1006,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           lpe_flip=not args.no_lpe_flip, permute=args.permute, amp=not args.no_amp, seed=args.seed,
                           val_fraction=args.val_fraction, max_runs=args.max_runs, val_windows=args.val_windows,
                           val_every=args.val_every,
-                          ckpt_every=args.ckpt_every, keep=args.keep, model=model_cfg)
+                          ckpt_every=args.ckpt_every, keep=args.keep, model=model_cfg, relative=args.relative,
+                          init=args.init)
     probe = NiNoGNN(**model_cfg)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     tasks, info = [], []

@@ -396,7 +396,7 @@ class NiNo(torch.optim.Optimizer):
                                f"shape ({self.num_params},) (one value per parameter element). The model's "
                                "parameters were not changed")
         reason = self._bad_values(pred)
-        loss = loss_before
+        loss, loss_after = loss_before, None
         if reason is None:
             backup = [self._params[i].detach().clone() for i in self._tracked] if closure is not None else None
             self._write(pred)
@@ -412,7 +412,7 @@ class NiNo(torch.optim.Optimizer):
                     loss = loss_after
                 else:
                     self._restore(backup)
-        self._finish(s, k, reason)
+        self._finish(s, k, reason, loss_before, loss_after)
         return loss
 
     def _predict(self, k: int) -> torch.Tensor:
@@ -464,12 +464,14 @@ class NiNo(torch.optim.Optimizer):
         for i, b in zip(self._tracked, backup):
             self._params[i].copy_(b)
 
-    def _finish(self, s: int, k: int, reason: Optional[str]) -> None:
+    def _finish(self, s: int, k: int, reason: Optional[str], before: Any = None, after: Any = None) -> None:
         st = self.state
         st["history"] = []
         st["cycle"] += 1
         st["cycle_start"] = s + 1
-        st["last_nowcast"] = {"step": s, "k": k, "accepted": reason is None, "reason": reason}
+        st["last_nowcast"] = {"step": s, "k": k, "accepted": reason is None, "reason": reason,
+                              "loss_before": None if before is None else _as_float(before),
+                              "loss_after": None if after is None else _as_float(after)}
         if reason is None:
             st["nowcasts"] += 1
             return

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -55,7 +56,8 @@ def _logger(log: LogLike) -> Optional[Callable[[dict], None]]:
 
 def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowcaster: Any = None,
                  steps: Optional[int] = None, eval_every: Optional[int] = None, data: Optional[TaskData] = None,
-                 period: Any = None, ctx: int = 5, progress: bool = True, log: LogLike = None) -> dict:
+                 period: Any = None, ctx: int = 5, progress: bool = True, log: LogLike = None,
+                 guard: Optional[float] = None) -> dict:
     """Train ``build_model(task, seed)`` for ``steps`` steps and return a JSON-serialisable record.
 
     Args:
@@ -73,6 +75,10 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         data: the task's loaded data (loaded here when None; pass it to share one load across runs).
         progress: show a tqdm progress bar.
         log: None, a callable receiving one dict per evaluation, or a path (JSON lines, overwritten).
+        guard: with a nowcaster, check every nowcast on that step's batch: the wrapper gets
+            ``spike_factor=guard`` and a closure (forward only, no gradients), and a nowcast whose
+            training loss exceeds ``guard`` times the loss before it is undone (the step is then
+            skipped, as for any rejected nowcast). ``1.0`` rejects any increase. None: no check.
 
     Until the target is first reached, the target is also checked every ``task.target_every`` steps
     (:func:`~nowcast.tasks.target_check`); a check that reaches it is recorded as an evaluation, so
@@ -88,6 +94,9 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
     eval_every = task.eval_every if eval_every is None else int(eval_every)
     if steps < 1 or eval_every < 1:
         raise ValueError(f"steps and eval_every must be >= 1, got steps={steps}, eval_every={eval_every}")
+    if guard is not None and not (isinstance(guard, (int, float)) and guard >= 1):
+        raise ValueError(f"guard must be None or a number >= 1 (1.0 undoes any nowcast that raises the loss), "
+                         f"got {guard!r}")
     if period is None:
         period = task.period
     if nowcaster is not None and method == "adamw":
@@ -104,16 +113,18 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         opt: torch.optim.Optimizer = base
         wrapper = None
         if nowcaster is not None:
-            from .optim import NiNo
+            from .optim import NiNo, NowcastRejectedWarning
 
             wrapper = NiNo(model, base, nowcaster, period=period, ctx=ctx, total_steps=steps,
-                           example_inputs=example_inputs(task) if getattr(nowcaster, "needs_graph", True) else None)
+                           example_inputs=example_inputs(task) if getattr(nowcaster, "needs_graph", True) else None,
+                           spike_factor=guard)
             opt = wrapper
 
         eval_steps: list[int] = []
         scores: list[float] = []
         train_loss: list[Optional[float]] = []
         nowcast_steps: list[int] = []
+        nowcast_log: list[dict] = []  # the wrapper's record of each nowcast (k, accepted, losses)
         eval_time = 0.0
         loss_sum, loss_n = 0.0, 0
 
@@ -164,9 +175,21 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
                 if math.isfinite(lv):
                     loss_sum += lv
                     loss_n += 1
+                opt.step()
             else:
                 nowcast_steps.append(step)
-            opt.step()
+                if guard is None:
+                    opt.step()
+                else:
+                    def probe(inputs: Any = inputs, targets: Any = targets) -> torch.Tensor:
+                        with torch.no_grad():
+                            return loss_fn(task, model, inputs, targets)
+
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", NowcastRejectedWarning)  # counted in the record
+                        opt.step(probe)
+                if wrapper is not None and wrapper.state["last_nowcast"] is not None:
+                    nowcast_log.append(dict(wrapper.state["last_nowcast"]))
             done = step + 1
             if done % eval_every == 0 or done == steps:
                 score = do_eval(done)
@@ -189,7 +212,8 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         "final_score": scores[-1], "wall_time_s": round(wall, 3), "eval_time_s": round(eval_time, 3),
         "nowcasts": int(st.get("nowcasts", 0)), "nowcasts_rejected": int(st.get("nowcasts_rejected", 0)),
         "nowcast_steps": nowcast_steps, "period": _period_repr(period) if nowcaster is not None else None,
-        "ctx": ctx if nowcaster is not None else None, "lr": task.lr, "weight_decay": task.weight_decay,
+        "ctx": ctx if nowcaster is not None else None, "guard": guard if nowcaster is not None else None,
+        "nowcast_log": nowcast_log, "lr": task.lr, "weight_decay": task.weight_decay,
         "batch_size": task.batch_size, "torch_threads": torch.get_num_threads(),
     }
 

@@ -214,6 +214,22 @@ def test_persistence_loss_is_the_no_change_prediction(task):
         torch.testing.assert_close(mt.window_loss(model, task, w), base)
 
 
+def test_relative_loss_is_the_loss_over_the_no_change_loss(task, tmp_path):
+    model = nowcast.NiNoGNN(**TINY).eval()
+    (win, tgt, mask), = mt.read_windows(task, 1, [12])
+    w = mt.Window(0, 1, 12, win, tgt, mask)
+    rel = mt.relative_window_loss(model, task, w)
+    torch.testing.assert_close(rel, mt.window_loss(model, task, w) / mt.persistence_loss(model, task, w))
+    rel.backward()  # the gradient flows through the model's loss only
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # a meta-training step with relative=True uses it (the logged training loss is the ratio)
+    trainer = mt.MetaTrainer([task], config(relative=True), tmp_path, device="cpu", progress=False)
+    trainer.model.load_state_dict(model.state_dict())
+    res = trainer.train_step([w])
+    assert res.ok and res.loss == pytest.approx(float(rel), rel=1e-5)
+    assert trainer.cfg.training_dict()["relative"] is True
+
+
 def test_log_reports_the_floor_and_each_task(graph_ir, tmp_path):
     graph, ir = graph_ir
     tasks = [mt.load_task(name, write_store(tmp_path / "traj", name=name), graph, period=PERIOD,
@@ -363,6 +379,20 @@ def test_saved_nowcaster_predicts_identically(task, tmp_path):
     for k in (1, 3, 8):
         assert torch.equal(loaded.predict(task.graph, win, k), trainer.model.eval().predict(task.graph, win, k))
     assert (tmp_path / "nowcaster" / "nowcaster.safetensors").stat().st_size < 10 * 2**20
+
+
+def test_init_starts_from_a_saved_nowcaster(task, tmp_path):
+    first = mt.MetaTrainer([task], config(steps=4), tmp_path / "a", device="cpu", progress=False).run()
+    src = nowcast.load(first["nowcaster"])
+    warm = mt.MetaTrainer([task], config(steps=4, init=first["nowcaster"]), tmp_path / "b", device="cpu",
+                          progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(warm.model.state_dict().values(), src.state_dict().values()))
+    cold = mt.MetaTrainer([task], config(steps=4), tmp_path / "c", device="cpu", progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(cold.model.state_dict().values(), src.state_dict().values()))
+    assert warm.cfg.training_dict()["init"] == first["nowcaster"]
+    with pytest.raises(mt.MetaTrainError, match="--hidden"):
+        mt.MetaTrainer([task], config(steps=4, init=first["nowcaster"], model=dict(TINY, hidden=8)), tmp_path / "d",
+                       device="cpu", progress=False)
 
 
 def test_config_errors_name_the_fix():

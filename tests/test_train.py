@@ -141,3 +141,45 @@ def test_fine_target_checks_give_the_step_full_evaluations_would():
     assert r["eval_steps"] == expected
     full = dict(zip(every2["eval_steps"], every2["scores"]))
     assert all(full[s] == v for s, v in zip(r["eval_steps"], r["scores"]))
+
+
+class _Fixed:
+    """A nowcaster that predicts ``scale`` times the current parameters (1.0: no change)."""
+
+    needs_graph = False
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def predict(self, graph, states, k):
+        return states[:, -1] * self.scale
+
+
+def test_guard_undoes_nowcasts_that_raise_the_step_loss(monkeypatch):
+    data = _tiny_data()
+    kw = dict(period=10, ctx=5, data=data, progress=False)
+    still = run_training(TINY, 0, nowcaster=_Fixed(1.0), **kw)  # every nowcast step changes nothing
+    wild = run_training(TINY, 0, nowcaster=_Fixed(-3.0), **kw)
+    calls = _spy_batches(monkeypatch)
+    guarded = run_training(TINY, 0, nowcaster=_Fixed(-3.0), guard=1.0, **kw)
+    assert wild["scores"] != still["scores"], "the wild prediction must matter for the test to mean anything"
+    assert guarded["nowcasts"] == 0 and guarded["nowcasts_rejected"] == 3 and guarded["guard"] == 1.0
+    assert guarded["scores"] == still["scores"], "a rejected nowcast restores the parameters exactly"
+    log = guarded["nowcast_log"]
+    assert [e["step"] for e in log] == [9, 19, 29] and not any(e["accepted"] for e in log)
+    assert all(e["loss_after"] > e["loss_before"] for e in log)
+    # the check runs on that step's batch, before and after: 27 training steps + 2 probes per nowcast
+    assert len(calls) == 27 + 6
+    json.dumps(guarded)
+
+
+def test_guard_keeps_nowcasts_that_do_not_raise_the_step_loss():
+    data = _tiny_data()
+    r = run_training(TINY, 0, nowcaster=_Fixed(1.0), guard=1.0, period=10, ctx=5, data=data, progress=False)
+    assert r["nowcasts"] == 3 and r["nowcasts_rejected"] == 0
+    assert all(e["accepted"] and e["loss_after"] == e["loss_before"] for e in r["nowcast_log"])
+
+
+def test_guard_below_one_is_refused():
+    with pytest.raises(ValueError, match="guard must be"):
+        run_training(TINY, 0, nowcaster=_Fixed(1.0), guard=0.9, data=_tiny_data(), progress=False)
