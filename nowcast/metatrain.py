@@ -716,9 +716,12 @@ class MetaTrainer:
 
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("config") != _jsonable(self.cfg.training_dict()):
-            diff = {k: (state["config"].get(k), v) for k, v in _jsonable(self.cfg.training_dict()).items()
-                    if state["config"].get(k) != v}
+        # keys added after a checkpoint was written hold their defaults there (relative=False, init=None)
+        saved = {**{k: v for k, v in _jsonable(MetaTrainConfig().training_dict()).items() if k in ("relative", "init")},
+                 **(state.get("config") or {})}
+        if saved != _jsonable(self.cfg.training_dict()):
+            diff = {k: (saved.get(k), v) for k, v in _jsonable(self.cfg.training_dict()).items()
+                    if saved.get(k) != v}
             raise MetaTrainError(f"{path} was written by a run with other settings {diff} (checkpoint, now); rerun "
                                  "with the same arguments to resume, or use another --out")
         self.model.load_state_dict(state["model"])

@@ -34,15 +34,17 @@ def describe(task: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--traj", type=Path, nargs="+", required=True, help="the trajectory stores (<root>/fm16 ...)")
-    p.add_argument("--run", type=Path, required=True, help="the meta-training output directory")
+    p.add_argument("--run", type=Path, nargs="+", required=True,
+                   help="the meta-training output directories, in order (a later one fine-tunes the one before; "
+                        "the last one is the shipped nowcaster)")
     p.add_argument("--max-runs", type=int, default=None, help="runs used per store (default: all)")
     args = p.parse_args()
     metas = [json.loads((t / "meta.json").read_text()) for t in args.traj]
-    cfg = json.loads((args.run / "config.json").read_text())
-    summary = json.loads((args.run / "summary.json").read_text())
-    log = [json.loads(x) for x in (args.run / "log.jsonl").read_text().splitlines() if x.strip()]
-    sec = sum(r.get("sec", 0.0) for r in log)
-    vals = [(r["step"], r["val_loss"]) for r in log if r.get("val_loss") is not None]
+    runs = list(args.run)
+    last = runs[-1]
+    summary = json.loads((last / "summary.json").read_text())
+    logs = [[json.loads(x) for x in (r / "log.jsonl").read_text().splitlines() if x.strip()] for r in runs]
+    sec = sum(r.get("sec", 0.0) for log in logs for r in log)
     meta = metas[0]
     per_store = [m["runs"] if args.max_runs is None else min(args.max_runs, m["runs"]) for m in metas]
     n_used = sum(per_store)
@@ -54,13 +56,42 @@ def main() -> None:
         coll_s += sum(m.get("group_wall_s", [])[:n])
         wall += m.get("wall_s") or 0.0
     weights, config = CKPT / "nino_ours.safetensors", CKPT / "nino_ours.json"
-    if (args.run / "loss.png").exists():
-        shutil.copyfile(args.run / "loss.png", ROOT / "docs" / "model_card_loss.png")
-    c = cfg.get("config", cfg)
-    n_val = sum(max(1, round(c.get("val_fraction", 0.1) * n)) if n > 1 else 0 for n in per_store)
-    period = c.get("period", 1000)
-    periods = ", ".join(f"{p} ({m['task']})" for p, m in zip(period, metas)) if isinstance(period, list) else period
-    spacing = ", ".join(str(p // 5) for p in period) if isinstance(period, list) else period // 5
+    if (last / "loss.png").exists():
+        shutil.copyfile(last / "loss.png", ROOT / "docs" / "model_card_loss.png")
+    n_val = sum(max(1, round(0.1 * n)) if n > 1 else 0 for n in per_store)
+    training = []
+    for i, (run, log) in enumerate(zip(runs, logs)):
+        cfg = json.loads((run / "config.json").read_text())
+        c = cfg.get("config", cfg)
+        tasks = [t["task"] for t in cfg.get("tasks", [])] or ["?"]
+        period = c.get("period", 1000)
+        periods = ", ".join(f"{p} ({t})" for p, t in zip(period, tasks)) if isinstance(period, list) else period
+        spacing = ", ".join(str(p // 5) for p in period) if isinstance(period, list) else period // 5
+        vals = [(r["step"], r["val_loss"], r.get("val_by_task"), r.get("persistence_by_task")) for r in log
+                if r.get("val_loss") is not None]
+        start = "from a random init (seed {})".format(c.get("seed")) if not c.get("init") else \
+            f"from stage {i}'s nowcaster (`--init`)"
+        loss = "each window's masked L1 divided by its no-change loss (`--relative`)" if c.get("relative") else \
+            "masked L1 in scaled space"
+        run_summary = json.loads((run / "summary.json").read_text())
+        training += [
+            f"- Stage {i + 1} (`{run}`), tasks {', '.join(tasks)}, {start}: {c.get('steps')} AdamW steps, "
+            f"{c.get('batch')} windows per step ({c.get('per_run')} consecutive windows per sampled run), lr "
+            f"{c.get('lr')} cosine to {c.get('min_lr')}, weight decay {c.get('weight_decay')}, gradient clip "
+            f"{c.get('clip')}, period {periods} (states {spacing} steps apart), {loss} over horizons 1..40, LPE "
+            f"sign flips {'on' if c.get('lpe_flip') else 'off'}, window stream seed {c.get('seed')}.",
+            f"  Final train loss {run_summary['train_loss']:.5f} (mean of the last 100 steps), validation loss "
+            f"{run_summary['val_loss']:.5f} (plain masked L1, step {run_summary['val_step']}"
+            + (f"; no-change prediction {run_summary['val_persistence']:.5f}"
+               if run_summary.get("val_persistence") == run_summary.get("val_persistence") is not None else "")
+            + f"); {run_summary['skipped_steps']} skipped steps.",
+            f"  Validation curve: {', '.join(f'{s}: {v:.4f}' for s, v, _, _ in vals)}.",
+        ]
+        by_task, floor = vals[-1][2], next((v[3] for v in vals if v[3]), None)
+        if by_task and floor and len(by_task) > 1:
+            training.append("  Per task at the end (vs no change): " + ", ".join(
+                f"{t} {v:.4f} ({100 * (v / floor[t] - 1):+.1f}%)" for t, v in by_task.items() if t in floor) + ".")
+    lm_data = any(not m["task"].startswith(("fm", "mnist")) for m in metas)
     lines = [
         "# Model card: `nino_ours` (the nowcaster shipped with neural-nowcasting)",
         "",
@@ -85,14 +116,8 @@ def main() -> None:
         "- The benchmark seeds (0, 1, 2) are not among the meta-training seeds.",
         "",
         "## Training",
-        f"- `bash scripts/make_checkpoint.sh train`: {c.get('steps')} AdamW steps, {c.get('batch')} windows per step "
-        f"({c.get('per_run')} consecutive windows per sampled run), lr {c.get('lr')} cosine to {c.get('min_lr')}, "
-        f"weight decay {c.get('weight_decay')}, gradient clip {c.get('clip')}, period {periods} "
-        f"(states {spacing} steps apart), masked L1 in scaled space over horizons 1..40, "
-        f"LPE sign flips {'on' if c.get('lpe_flip') else 'off'}, seed {c.get('seed')}.",
-        f"- Final train loss {summary['train_loss']:.5f} (mean of the last 100 steps), validation loss "
-        f"{summary['val_loss']:.5f} (step {summary['val_step']}); {summary['skipped_steps']} skipped steps.",
-        f"- Validation curve: {', '.join(f'{s}: {v:.4f}' for s, v in vals)}.",
+        f"- `bash scripts/make_checkpoint.sh train` ({len(runs)} stage{'s' if len(runs) > 1 else ''}):",
+        *training,
         "- Loss curves: `docs/model_card_loss.png`.",
         "",
         "## Compute",
@@ -103,11 +128,11 @@ def main() -> None:
         "",
         "## Limits",
         f"- Meta-trained on a handful of trajectories of {len(metas)} task(s) only, on a CPU budget far below the published model's",
-        "  (trajectories of several tasks, 20,000 steps of 16 windows; docs/metatrain.md). The step-0 validation",
-        "  loss above is the untrained network's (its predicted changes are near zero: about the no-change",
+        "  (trajectories of several tasks, 20,000 steps of 16 windows; docs/metatrain.md). Stage 1's step-0",
+        "  validation loss is the untrained network's (its predicted changes are near zero: about the no-change",
         "  baseline). Its acceleration is measured in `benchmarks/results/acceleration/` in the same runs as the",
         "  published checkpoint.",
-        *([] if any(m["task"] != "fm16" and not m["task"].startswith(("fm", "mnist")) for m in metas) else [
+        *([] if lm_data else [
             "- No language model in its meta-training data: on byte-level GPT-2-style models its nowcasts overshoot",
             "  (bible-3-24 seed 0: final perplexity 5.50 against AdamW's 4.89, benchmarks/results/acceleration/runs/).",
             "  For language models use the published checkpoint or the mixed recipe measured in",

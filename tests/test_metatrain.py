@@ -360,6 +360,18 @@ def test_resume_and_determinism_give_identical_checkpoints(task, tmp_path):
         mt.MetaTrainer([task], config(lr=1e-3), tmp_path / "a", device="cpu", progress=False).run()
 
 
+def test_checkpoints_written_before_relative_and_init_existed_still_resume(task, tmp_path):
+    cfg = config()
+    mt.MetaTrainer([task], cfg, tmp_path / "old", device="cpu", progress=False).run(until=8)
+    for f in (tmp_path / "old" / "checkpoints").glob("*.pt"):
+        state = torch.load(f, weights_only=True)
+        del state["config"]["relative"], state["config"]["init"]  # what an older version wrote
+        torch.save(state, f)
+    assert mt.MetaTrainer([task], cfg, tmp_path / "old", device="cpu", progress=False).run()["step"] == 12
+    with pytest.raises(mt.MetaTrainError, match="relative"):  # but a changed setting is still refused
+        mt.MetaTrainer([task], config(relative=True), tmp_path / "old", device="cpu", progress=False).run()
+
+
 def same_values(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
