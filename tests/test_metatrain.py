@@ -226,7 +226,7 @@ def test_relative_loss_is_the_loss_over_the_no_change_loss(task, tmp_path):
     trainer = mt.MetaTrainer([task], config(relative=True), tmp_path, device="cpu", progress=False)
     trainer.model.load_state_dict(model.state_dict())
     res = trainer.train_step([w])
-    assert res.ok and res.loss == pytest.approx(float(rel), rel=1e-5)
+    assert res.ok and res.loss == pytest.approx(float(rel.detach()), rel=1e-5)
     assert trainer.cfg.training_dict()["relative"] is True
 
 
