@@ -436,13 +436,11 @@ def relative_window_loss(model: NiNoGNN, task: TrajectoryTask, window: Window) -
     (byte-level language models: no-change loss ~1.5x FM/16's), and predicting no change is a strong
     attractor; the ratio gives every window the same weight in "improvement over no change".
     """
-    with torch.no_grad():
-        floor = persistence_loss(model, task, window).float()
-    loss = window_loss(model, task, window)
-    return loss / floor.clamp_min(1e-8)
+    return _masked_l1(model, task, window, persistence=False, relative=True)
 
 
-def _masked_l1(model: NiNoGNN, task: TrajectoryTask, window: Window, persistence: bool) -> torch.Tensor:
+def _masked_l1(model: NiNoGNN, task: TrajectoryTask, window: Window, persistence: bool,
+               relative: bool = False) -> torch.Tensor:
     dev = next(model.parameters()).device
     states = window.states.to(dev)
     scaled, sc = scale(states, task.graph, model.scaling)  # exactly as inference scales
@@ -457,6 +455,9 @@ def _masked_l1(model: NiNoGNN, task: TrajectoryTask, window: Window, persistence
     err = (pred - targets).abs()[rows][:, mask]
     if err.numel() == 0:
         return pred.sum() * 0.0
+    if relative:  # over the no-change loss of the same rows (no gradient through the divisor)
+        floor = (scaled[:, -1:].expand_as(targets) - targets).abs()[rows][:, mask].mean().detach().float()
+        return err.mean() / floor.clamp_min(1e-8)
     return err.mean()
 
 
@@ -716,9 +717,8 @@ class MetaTrainer:
 
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        # keys added after a checkpoint was written hold their defaults there (relative=False, init=None)
-        saved = {**{k: v for k, v in _jsonable(MetaTrainConfig().training_dict()).items() if k in ("relative", "init")},
-                 **(state.get("config") or {})}
+        # a key added after the checkpoint was written holds its default there
+        saved = {**_jsonable(MetaTrainConfig().training_dict()), **(state.get("config") or {})}
         if saved != _jsonable(self.cfg.training_dict()):
             diff = {k: (saved.get(k), v) for k, v in _jsonable(self.cfg.training_dict()).items()
                     if saved.get(k) != v}

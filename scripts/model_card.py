@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import platform
 import shutil
 from pathlib import Path
@@ -83,7 +84,7 @@ def main() -> None:
             f"  Final train loss {run_summary['train_loss']:.5f} (mean of the last 100 steps), validation loss "
             f"{run_summary['val_loss']:.5f} (plain masked L1, step {run_summary['val_step']}"
             + (f"; no-change prediction {run_summary['val_persistence']:.5f}"
-               if run_summary.get("val_persistence") == run_summary.get("val_persistence") is not None else "")
+               if math.isfinite(run_summary.get("val_persistence") or math.nan) else "")
             + f"); {run_summary['skipped_steps']} skipped steps.",
             f"  Validation curve: {', '.join(f'{s}: {v:.4f}' for s, v, _, _ in vals)}.",
         ]
