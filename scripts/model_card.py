@@ -32,6 +32,11 @@ def describe(task: str) -> str:
             f"{a['heads']} heads, context {a['context']}, AdamW lr {t.lr}, batch {t.batch_size}")
 
 
+def _finite(x: object) -> bool:
+    """Whether ``x`` is a finite number (a run without a no-change figure records None or NaN)."""
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--traj", type=Path, nargs="+", required=True, help="the trajectory stores (<root>/fm16 ...)")
@@ -84,7 +89,7 @@ def main() -> None:
             f"  Final train loss {run_summary['train_loss']:.5f} (mean of the last 100 steps), validation loss "
             f"{run_summary['val_loss']:.5f} (plain masked L1, step {run_summary['val_step']}"
             + (f"; no-change prediction {run_summary['val_persistence']:.5f}"
-               if math.isfinite(run_summary.get("val_persistence") or math.nan) else "")
+               if _finite(run_summary.get("val_persistence")) else "")
             + f"); {run_summary['skipped_steps']} skipped steps.",
             f"  Validation curve: {', '.join(f'{s}: {v:.4f}' for s, v, _, _ in vals)}.",
         ]
