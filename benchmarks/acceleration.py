@@ -270,7 +270,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus", "device": "cpu",
             "torch": torch.__version__, "python": platform.python_version(),
-            "command": "python benchmarks/acceleration.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            # the summary's command is only the latest invocation; each run record keeps its own
+            "last_command": "python benchmarks/acceleration.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d"), "ours_checkpoint": str(method_file("nino-ours")),
             "ours_sha256": checkpoint_sha256("nino-ours")}
     skipped = []
@@ -302,6 +303,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         print(f"not saved: {m}'s checkpoint file changed during the run", file=sys.stderr)
                         continue
                     rec["checkpoint_sha256"] = sha
+                    rec["command"] = meta["last_command"]
                     path.write_text(json.dumps(rec))
                     print(f"{task.name} {m} seed {seed}: steps to target {rec['steps_to_target']}, "
                           f"final {rec['final_score']:.3f}, {rec['wall_time_s']:.0f} s", flush=True)
