@@ -8,6 +8,7 @@ Every rank trains the same small MLP on its half of a global batch of ``GLOBAL_B
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -76,9 +77,7 @@ def _exit_now() -> None:
     """End a rank that finished cleanly without running interpreter teardown: at exit, torch's
     gloo/TCPStore threads sometimes hit ``std::terminate`` ("terminate called without an active
     exception", SIGABRT) after all work and ``destroy_process_group`` are done (seen with torch 2.13,
-    about 1 exit in 10), which would fail the test for a reason outside this package."""
-    import sys
-
+    about one 2-rank run in 8), which would fail the test for a reason outside this package."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
