@@ -145,12 +145,12 @@ class ModelIR:
             return None
         choice = options[int(torch.randint(0, len(options), (1,), generator=g))]
         n = sp.size[choice[1]]
-        perm = _nonidentity(n, g)
+        perm = _derangement(n, g)
         if choice[0] == "pinned":
             return Permutation(self, {choice[1]: perm}, {}, kind=f"pinned space s{choice[1]} permuted")
         name, axis, off = choice[2]
         if off is None:  # grouped columns: the same permutation in every group, on this side only
-            idx = _nonidentity(self.states[name].shape[axis], g)
+            idx = _derangement(self.states[name].shape[axis], g)
         else:
             idx = np.arange(self.states[name].shape[axis])
             idx[off: off + n] = off + perm
@@ -158,11 +158,19 @@ class ModelIR:
                            kind=f"only {name} axis {axis} permuted (space s{choice[1]} is tied)")
 
 
-def _nonidentity(n: int, g: torch.Generator) -> np.ndarray:
-    p = torch.randperm(n, generator=g).numpy()
-    if (p == np.arange(n)).all():
-        p = np.roll(np.arange(n), 1)
-    return p
+def _derangement(n: int, g: torch.Generator) -> np.ndarray:
+    """A random permutation of ``n`` (>= 2) with no fixed point.
+
+    A fixed point can hide a violation: a 3x3 kernel on a 1x1 map with padding 1 only ever reads
+    its centre tap, so swapping rows 0 and 2 changes nothing on that input. With every entry moved,
+    each live entry gets another's value and the outputs must change.
+    """
+    ident = np.arange(n)
+    for _ in range(32):  # about 1/e of permutations are derangements
+        p = torch.randperm(n, generator=g).numpy()
+        if (p != ident).all():
+            return p
+    return np.roll(ident, 1)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Capture paths, clear errors, and individual symmetry rules."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -284,3 +285,27 @@ def test_functional_dropout_in_training_mode_does_not_break_verification():
     assert ir.group_summary()["free_spaces"] == [6]
     assert neugraph.verify(m, torch.randn(8, 3), trials=4).ok
     assert torch.nn.functional.dropout(torch.ones(1000), 0.5, True).eq(0).any()  # restored afterwards
+
+
+def test_bad_permutations_move_every_entry_so_dead_kernel_taps_cannot_hide_them():
+    """A 3x3 conv on a 1x1 map (padding 1) reads only its centre tap: a kernel-row swap (0 2)
+    changes nothing there, so a violation with a fixed point could pass as a symmetry. Found by
+    test_resnets on an 8x8 input with three stride-2 blocks."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from archs import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(1, 2, [(3, 2), (4, 2), (2, 2)], False, 2)
+    x = torch.randn(8, 1, 8, 8)
+    ir = neugraph.trace(model, (x,))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        bad = ir.sample_violation(g)
+        for p in bad.perms.values():  # a pinned space permuted: no entry may stay put
+            assert (p != np.arange(len(p))).all(), bad.kind
+    report = neugraph.verify(model, (x,), trials=40)
+    assert report.ok, report.failures
+    assert report.counts["bad"] == [40, 40]
