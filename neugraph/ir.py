@@ -163,7 +163,8 @@ def _derangement(n: int, g: torch.Generator) -> np.ndarray:
 
     A fixed point can hide a violation: a 3x3 kernel on a 1x1 map with padding 1 only ever reads
     its centre tap, so swapping rows 0 and 2 changes nothing on that input. With every entry moved,
-    each live entry gets another's value and the outputs must change.
+    each live entry gets another's value (distinct after ``verify``'s random offsets), so the
+    outputs change unless the whole axis is dead.
     """
     ident = np.arange(n)
     for _ in range(32):  # about 1/e of permutations are derangements
