@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import neugraph
+from archs import ResNet
 from frontends import CaptureError, capture
 
 
@@ -291,8 +292,6 @@ def test_bad_permutations_move_every_entry_so_dead_kernel_taps_cannot_hide_them(
     """A 3x3 conv on a 1x1 map (padding 1) reads only its centre tap: a kernel-row swap (0 2)
     changes nothing there, so a violation with a fixed point could pass as a symmetry. Found by
     test_resnets on an 8x8 input with three stride-2 blocks."""
-    from archs import ResNet  # tests/ is on sys.path (conftest.py)
-
     torch.manual_seed(0)
     model = ResNet(1, 2, [(3, 2), (4, 2), (2, 2)], False, 2)
     x = torch.randn(8, 1, 8, 8)
