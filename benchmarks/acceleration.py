@@ -23,8 +23,9 @@ one plot per task) is rebuilt from every cached run each time.
 Methods: ``adamw``; ``linefit``, ``linefit+`` (no weights); ``wnn+`` (published ``nino_mlp.pt``);
 ``nino-published`` (published ``nino_no_posw.pt``); ``nino-ours`` (the checkpoint shipped in the
 package); ``nino-ours-dynamic`` (the same with ``DynamicPeriod()``); ``nino-ours-guarded`` (the same
-with ``run_training(guard=1.0)``: a nowcast that raises its step's training loss is undone). The published files are looked
-up in ``$NOWCAST_REFERENCE`` or ``../shared/reference/checkpoints`` beside the repository; a method
+with ``run_training(guard=1.0)``: a nowcast that raises its step's training loss is undone and AdamW
+takes that step instead, so a run whose every nowcast is undone is the AdamW run). The published
+files are looked up in ``$NOWCAST_REFERENCE`` or ``../shared/reference/checkpoints`` beside the repository; a method
 whose checkpoint is missing is skipped and the skip is recorded.
 """
 from __future__ import annotations
@@ -58,6 +59,7 @@ LABELS = {"adamw": "AdamW", "linefit": "Linefit", "linefit+": "Linefit+", "wnn+"
           "nino-ours-dynamic": "NiNo (ours, shipped) + dynamic period",
           "nino-ours-guarded": "NiNo (ours, shipped) + loss guard"}
 #: ``run_training(guard=...)`` per method: a nowcast that raises that step's training loss is undone
+#: and AdamW takes the step
 GUARDS = {"nino-ours-guarded": 1.0}
 OUT = ROOT / "benchmarks" / "results" / "acceleration"
 

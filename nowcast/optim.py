@@ -12,8 +12,11 @@ Exactly which calls do what (0-based count ``s`` of ``step()`` calls; constant p
 
 Safety: a nowcast whose values are NaN, inf or out of the parameter dtype's range, or (when
 ``step(closure)`` is given) whose loss is not finite or above ``spike_factor`` times the loss
-before it, is rolled back to the exact previous parameters and skipped (that step changes
-nothing), with a :class:`NowcastRejectedWarning` and ``state["nowcasts_rejected"] += 1``. If
+before it, is rolled back to the exact previous parameters, with a :class:`NowcastRejectedWarning`
+and ``state["nowcasts_rejected"] += 1``. Then, with ``on_reject="skip"`` (default), that step
+changes nothing; with ``on_reject="base"``, the base optimizer takes the step instead (after
+calling ``closure`` again, so its gradients are the restored parameters'), and a run whose every
+nowcast is rejected is the base optimizer's run exactly. If
 ``predict`` raises, the parameters and NiNo's state are untouched and :class:`NowcastError`
 propagates (a later ``step()`` retries the nowcast).
 """
@@ -125,6 +128,10 @@ class NiNo(torch.optim.Optimizer):
         spike_factor: with ``step(closure)``: reject a nowcast whose loss after exceeds
             ``before + (spike_factor - 1) * |before|`` (``spike_factor`` times the loss for
             positive losses). ``None``: only non-finite losses are rejected.
+        on_reject: what a rejected nowcast's step does: ``"skip"`` (nothing) or ``"base"`` (the
+            base optimizer's step: with ``step(closure)``, the closure is called once more on the
+            restored parameters and must compute fresh gradients, as a standard closure does;
+            without one, the gradients the parameters hold are used).
 
     Trainable parameters are those with ``requires_grad`` that the base optimizer holds, fixed at
     construction; only they are recorded and changed. Other parameters enter ``states`` as their
@@ -141,7 +148,8 @@ class NiNo(torch.optim.Optimizer):
                  k_power: float = 2.0, max_k: int = 40, history_device: Union[str, torch.device] = "cpu",
                  history_dtype: Optional[torch.dtype] = None,
                  nowcast_device: Union[str, torch.device, None] = None,
-                 spike_factor: Optional[float] = None, graph_profile: str = "nino") -> None:
+                 spike_factor: Optional[float] = None, on_reject: str = "skip",
+                 graph_profile: str = "nino") -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, NiNo):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer (not NiNo), got "
                             f"{type(base_optimizer).__name__}")
@@ -170,6 +178,10 @@ class NiNo(torch.optim.Optimizer):
         if spike_factor is not None and not (isinstance(spike_factor, (int, float)) and spike_factor >= 1):
             raise ValueError(f"spike_factor must be None or a number >= 1, got {spike_factor!r}")
         self.spike_factor = spike_factor
+        if on_reject not in ("skip", "base"):
+            raise ValueError(f"on_reject must be 'skip' (a rejected nowcast's step changes nothing) or 'base' "
+                             f"(the base optimizer takes that step), got {on_reject!r}")
+        self.on_reject = on_reject
         self.nowcaster = nowcaster
         self.ctx = ctx
         self.schedule: Optional[NowcastSchedule] = None
@@ -324,7 +336,8 @@ class NiNo(torch.optim.Optimizer):
     # ---- the step ----------------------------------------------------------------------------
     def step(self, closure: Optional[Closure] = None) -> Any:  # type: ignore[override]
         """A base step, or a nowcast at the end of a cycle (then ``closure``, if given, is called
-        before and after it for the safety check; its gradients are not used)."""
+        before and after it for the safety check; its gradients are used only by the base step that
+        replaces a rejected nowcast under ``on_reject="base"``)."""
         st = self.state
         if self.nowcaster is None:
             loss = self.base_optimizer.step(closure)
@@ -337,6 +350,10 @@ class NiNo(torch.optim.Optimizer):
             self._record(q // interval)
         if q >= length:
             loss = self._nowcast(closure)
+            last = st["last_nowcast"]
+            if self.on_reject == "base" and not last["accepted"]:
+                loss = self.base_optimizer.step(closure)  # re-runs the closure: gradients at the restored values
+                last["base_step"] = True
         else:
             loss = self.base_optimizer.step(closure)
         st["step"] += 1
@@ -469,17 +486,18 @@ class NiNo(torch.optim.Optimizer):
         st["history"] = []
         st["cycle"] += 1
         st["cycle_start"] = s + 1
-        st["last_nowcast"] = {"step": s, "k": k, "accepted": reason is None, "reason": reason,
+        st["last_nowcast"] = {"step": s, "k": k, "accepted": reason is None, "reason": reason, "base_step": False,
                               "loss_before": None if before is None else _as_float(before),
                               "loss_after": None if after is None else _as_float(after)}
         if reason is None:
             st["nowcasts"] += 1
             return
         st["nowcasts_rejected"] += 1
+        then = ("the base optimizer takes this step instead" if self.on_reject == "base" else
+                "this step was skipped; training continues with the base optimizer")
         warnings.warn(f"NiNo: nowcast at step {s} (k={k}) rejected: {reason}. The parameters were restored "
-                      "exactly and this step was skipped; training continues with the base optimizer "
-                      f"(state['nowcasts_rejected'] = {st['nowcasts_rejected']})", NowcastRejectedWarning,
-                      stacklevel=5)
+                      f"exactly and {then} (state['nowcasts_rejected'] = {st['nowcasts_rejected']})",
+                      NowcastRejectedWarning, stacklevel=5)
 
     # ---- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

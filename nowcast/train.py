@@ -76,9 +76,10 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         progress: show a tqdm progress bar.
         log: None, a callable receiving one dict per evaluation, or a path (JSON lines, overwritten).
         guard: with a nowcaster, check every nowcast on that step's batch: the wrapper gets
-            ``spike_factor=guard`` and a closure (forward only, no gradients), and a nowcast whose
-            training loss exceeds ``guard`` times the loss before it is undone (the step is then
-            skipped, as for any rejected nowcast). ``1.0`` rejects any increase. None: no check.
+            ``spike_factor=guard``, ``on_reject="base"`` and a closure (the training loss and its
+            gradients), and a nowcast whose training loss exceeds ``guard`` times the loss before
+            it is undone and AdamW takes that step instead, on the same batch; a run whose every
+            nowcast is undone is the AdamW run exactly. ``1.0`` rejects any increase. None: no check.
 
     Until the target is first reached, the target is also checked every ``task.target_every`` steps
     (:func:`~nowcast.tasks.target_check`); a check that reaches it is recorded as an evaluation, so
@@ -117,7 +118,7 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
 
             wrapper = NiNo(model, base, nowcaster, period=period, ctx=ctx, total_steps=steps,
                            example_inputs=example_inputs(task) if getattr(nowcaster, "needs_graph", True) else None,
-                           spike_factor=guard)
+                           spike_factor=guard, on_reject="base")
             opt = wrapper
 
         eval_steps: list[int] = []
@@ -182,12 +183,17 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
                     opt.step()
                 else:
                     def probe(inputs: Any = inputs, targets: Any = targets) -> torch.Tensor:
-                        with torch.no_grad():
-                            return loss_fn(task, model, inputs, targets)
+                        opt.zero_grad(set_to_none=True)
+                        probe_loss = loss_fn(task, model, inputs, targets)
+                        probe_loss.backward()  # used only when the nowcast is undone and AdamW steps
+                        return probe_loss.detach()
 
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", NowcastRejectedWarning)  # counted in the record
-                        opt.step(probe)
+                        lv = float(opt.step(probe))
+                    if wrapper.state["last_nowcast"]["base_step"] and math.isfinite(lv):
+                        loss_sum += lv  # AdamW's step on this batch, as on any other step
+                        loss_n += 1
                 if wrapper is not None and wrapper.state["last_nowcast"] is not None:
                     nowcast_log.append(dict(wrapper.state["last_nowcast"]))
             done = step + 1

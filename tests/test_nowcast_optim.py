@@ -323,6 +323,62 @@ def test_faulty_nowcast_is_rolled_back_exactly_and_training_continues(mode):
     assert torch.isfinite(flat(model)).all()
 
 
+class AlwaysWorse(LineNowcaster):
+    """Every prediction moves the parameters far away: a loss check rejects each one."""
+
+    def predict(self, graph, states, k):
+        return super().predict(graph, states, k) + 5.0
+
+
+@pytest.mark.parametrize("with_closure", [True, False])
+def test_on_reject_base_takes_the_base_step_so_an_all_rejected_run_is_the_base_run(with_closure):
+    steps = 60 if with_closure else 20  # Faulty predicts NaN at step 19 only, then line fits that are kept
+    ref = mlp()
+    base_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for s in range(steps):
+        base_opt.zero_grad()
+        loss_at(ref, s).backward()
+        base_opt.step()
+    model = mlp()
+    opt = make(model, AlwaysWorse() if with_closure else Faulty("nan"), spike_factor=1.0, on_reject="base")
+
+    def closure_for(s):
+        def closure():
+            opt.zero_grad()
+            loss = loss_at(model, s)
+            loss.backward()
+            return loss
+        return closure
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in range(steps):
+            if with_closure:
+                opt.step(closure_for(s))
+            else:  # gradients computed on every step, the nowcast's included
+                opt.zero_grad()
+                loss_at(model, s).backward()
+                opt.step()
+    assert opt.state["nowcasts_rejected"] == steps // 20 and opt.state["nowcasts"] == 0
+    assert opt.state["last_nowcast"]["base_step"]
+    assert any("takes this step instead" in str(w.message) for w in caught)
+    assert torch.equal(flat(model), flat(ref)), "each rejected nowcast replaced by AdamW's step, bit for bit"
+
+
+def test_on_reject_skip_leaves_the_step_out_and_bad_values_are_refused():
+    model = mlp()
+    opt = make(model, AlwaysWorse(), spike_factor=1.0)
+    assert opt.on_reject == "skip"
+    for s in range(19):
+        opt.step(lambda s=s: loss_at(model, s))
+    before = flat(model).clone()
+    with pytest.warns(NowcastRejectedWarning, match="this step was skipped"):
+        opt.step(lambda: loss_at(model, 19))
+    assert torch.equal(flat(model), before) and not opt.state["last_nowcast"]["base_step"]
+    with pytest.raises(ValueError, match="on_reject must be 'skip'"):
+        make(mlp(), AlwaysWorse(), on_reject="adam")
+
+
 @pytest.mark.parametrize("mode, match", [("raise", "predict failed at step 19 .*boom"),
                                          ("shape", r"expected a tensor of shape \(67,\)")])
 def test_failing_predict_leaves_model_and_state_untouched(mode, match):

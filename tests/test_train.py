@@ -155,21 +155,22 @@ class _Fixed:
         return states[:, -1] * self.scale
 
 
-def test_guard_undoes_nowcasts_that_raise_the_step_loss(monkeypatch):
+def test_guard_undoes_nowcasts_that_raise_the_step_loss_and_adamw_takes_the_step(monkeypatch):
     data = _tiny_data()
     kw = dict(period=10, ctx=5, data=data, progress=False)
-    still = run_training(TINY, 0, nowcaster=_Fixed(1.0), **kw)  # every nowcast step changes nothing
+    adamw = run_training(TINY, 0, data=data, progress=False)
     wild = run_training(TINY, 0, nowcaster=_Fixed(-3.0), **kw)
     calls = _spy_batches(monkeypatch)
     guarded = run_training(TINY, 0, nowcaster=_Fixed(-3.0), guard=1.0, **kw)
-    assert wild["scores"] != still["scores"], "the wild prediction must matter for the test to mean anything"
+    assert wild["scores"] != adamw["scores"], "the wild prediction must matter for the test to mean anything"
     assert guarded["nowcasts"] == 0 and guarded["nowcasts_rejected"] == 3 and guarded["guard"] == 1.0
-    assert guarded["scores"] == still["scores"], "a rejected nowcast restores the parameters exactly"
+    # every nowcast undone exactly and replaced by AdamW's step on the same batch: AdamW's run, bit for bit
+    assert guarded["scores"] == adamw["scores"] and guarded["train_loss"] == adamw["train_loss"]
     log = guarded["nowcast_log"]
     assert [e["step"] for e in log] == [9, 19, 29] and not any(e["accepted"] for e in log)
-    assert all(e["loss_after"] > e["loss_before"] for e in log)
-    # the check runs on that step's batch, before and after: 27 training steps + 2 probes per nowcast
-    assert len(calls) == 27 + 6
+    assert all(e["base_step"] for e in log) and all(e["loss_after"] > e["loss_before"] for e in log)
+    # that step's batch: before, after, then once more for AdamW's gradients; 27 ordinary steps
+    assert len(calls) == 27 + 3 * 3
     json.dumps(guarded)
 
 
@@ -177,7 +178,11 @@ def test_guard_keeps_nowcasts_that_do_not_raise_the_step_loss():
     data = _tiny_data()
     r = run_training(TINY, 0, nowcaster=_Fixed(1.0), guard=1.0, period=10, ctx=5, data=data, progress=False)
     assert r["nowcasts"] == 3 and r["nowcasts_rejected"] == 0
-    assert all(e["accepted"] and e["loss_after"] == e["loss_before"] for e in r["nowcast_log"])
+    assert all(e["accepted"] and not e["base_step"] and e["loss_after"] == e["loss_before"]
+               for e in r["nowcast_log"])
+    # an accepted nowcast is the step: the same parameters as the unguarded run
+    plain = run_training(TINY, 0, nowcaster=_Fixed(1.0), period=10, ctx=5, data=data, progress=False)
+    assert r["scores"] == plain["scores"]
 
 
 def test_guard_below_one_is_refused():
