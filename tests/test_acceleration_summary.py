@@ -61,3 +61,20 @@ def test_reduction_against_a_reached_median(acc, tmp_path):
     assert rows["adamw"]["median_steps_to_target"] == 9000
     assert rows["linefit+"]["reduction_pct"] == pytest.approx(100 * (1 - 5000 / 9000), abs=0.05)
     assert rows["linefit+"]["seeds"] == [0, 1, 2]
+
+
+def test_worst_seed_final_gap_is_per_seed_against_adamw(acc, tmp_path):
+    recs = [record(acc, "bible-3-24", "adamw", s, None, f) for s, f in [(0, 5.0), (1, 4.0), (2, 6.0)]]
+    # seed 0 is 4% worse than AdamW's seed 0, although the median (5.0) equals AdamW's median
+    recs += [record(acc, "bible-3-24", "nino-ours", s, None, f) for s, f in [(0, 5.2), (1, 3.9), (2, 5.0)]]
+    recs += [record(acc, "mnist16", "adamw", s, None, f) for s, f in [(0, 98.5), (1, 98.0)]]
+    recs += [record(acc, "mnist16", "nino-ours", s, None, f) for s, f in [(0, 98.6), (1, 97.4), (2, 99.0)]]
+    write(tmp_path, acc, recs)
+    rows = {(r["task"], r["method"]): r for r in acc.write_summary(tmp_path, {})["rows"]}
+    assert rows["bible-3-24", "nino-ours"]["final_vs_adamw"] == 0.0
+    assert rows["bible-3-24", "nino-ours"]["worst_seed_final_vs_adamw"] == pytest.approx(4.0)
+    assert rows["bible-3-24", "adamw"]["worst_seed_final_vs_adamw"] is None
+    # accuracy: points, the lowest; seed 2 has no AdamW run and is left out
+    assert rows["mnist16", "nino-ours"]["worst_seed_final_vs_adamw"] == pytest.approx(-0.6)
+    table = (tmp_path / "acceleration.md").read_text()
+    assert "| +4.0% |" in table and "| -0.60 |" in table
