@@ -325,7 +325,8 @@ def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=5, help="parameter states per nowcast (default 5)")
     p.add_argument("--guard", type=float, default=None, metavar="FACTOR",
                    help="undo a nowcast whose training loss on its step's batch exceeds FACTOR times the loss "
-                        "before it (1.0: any increase; default: no check)")
+                        "before it, and take AdamW's step on that batch instead (1.0: any increase; default: "
+                        "no check)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
 
