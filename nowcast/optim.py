@@ -336,8 +336,8 @@ class NiNo(torch.optim.Optimizer):
     # ---- the step ----------------------------------------------------------------------------
     def step(self, closure: Optional[Closure] = None) -> Any:  # type: ignore[override]
         """A base step, or a nowcast at the end of a cycle (then ``closure``, if given, is called
-        before and after it for the safety check; its gradients are used only by the base step that
-        replaces a rejected nowcast under ``on_reject="base"``)."""
+        before and after it for the safety check, and once more, for the base step's gradients,
+        when ``on_reject="base"`` replaces a rejected nowcast)."""
         st = self.state
         if self.nowcaster is None:
             loss = self.base_optimizer.step(closure)
