@@ -94,6 +94,16 @@ def train(model, opt, start: int, stop: int, sched=None, skip_backward: bool = T
             sched.step()
 
 
+def closure_for(opt, model, step: int):
+    """The standard closure for batch ``step``: zero the gradients, forward, backward, return the loss."""
+    def closure():
+        opt.zero_grad()
+        loss = loss_at(model, step)
+        loss.backward()
+        return loss
+    return closure
+
+
 def flat(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -297,28 +307,20 @@ def test_faulty_nowcast_is_rolled_back_exactly_and_training_continues(mode):
     model = mlp()
     opt = make(model, Faulty(mode), period=20, spike_factor=2.0)
 
-    def closure_for(s):
-        def closure():
-            opt.zero_grad()
-            loss = loss_at(model, s)
-            loss.backward()
-            return loss
-        return closure
-
     for s in range(19):
-        opt.step(closure_for(s))
+        opt.step(closure_for(opt, model, s))
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.warns(NowcastRejectedWarning, match="rejected"):
-        loss = opt.step(closure_for(19) if mode == "spike" else None)
+        loss = opt.step(closure_for(opt, model, 19) if mode == "spike" else None)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert opt.state["nowcasts_rejected"] == 1 and opt.state["nowcasts"] == 0
     assert opt.state["last_nowcast"]["accepted"] is False and opt.state["history"] == []
     if mode == "spike":
         assert "spike" in opt.state["last_nowcast"]["reason"] and torch.isfinite(loss)
-    opt.step(closure_for(20))  # a base step happens
+    opt.step(closure_for(opt, model, 20))  # a base step happens
     assert not torch.equal(flat(model), torch.cat([b.reshape(-1) for b in before]))
     for s in range(21, 40):
-        opt.step(closure_for(s))
+        opt.step(closure_for(opt, model, s))
     assert opt.state["nowcasts"] == 1 and opt.state["last_nowcast"]["accepted"]  # the next nowcast ran
     assert torch.isfinite(flat(model)).all()
 
@@ -342,19 +344,11 @@ def test_on_reject_base_takes_the_base_step_so_an_all_rejected_run_is_the_base_r
     model = mlp()
     opt = make(model, AlwaysWorse() if with_closure else Faulty("nan"), spike_factor=1.0, on_reject="base")
 
-    def closure_for(s):
-        def closure():
-            opt.zero_grad()
-            loss = loss_at(model, s)
-            loss.backward()
-            return loss
-        return closure
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for s in range(steps):
             if with_closure:
-                opt.step(closure_for(s))
+                opt.step(closure_for(opt, model, s))
             else:  # gradients computed on every step, the nowcast's included
                 opt.zero_grad()
                 loss_at(model, s).backward()
