@@ -20,7 +20,10 @@ one plot per task) is rebuilt from every cached run each time.
     python benchmarks/acceleration.py --tasks bible-3-24 --methods nino-ours --ours CAND.safetensors \
         --out benchmarks/results/candidates/NAME                               # a candidate, before shipping
 
-Methods: ``adamw``; ``linefit``, ``linefit+`` (no weights); ``wnn+`` (published ``nino_mlp.pt``);
+Methods: ``adamw``; ``no-change`` (the control: AdamW in the same wrapper with ``nowcast.NoChange``,
+so every nowcast step's AdamW update is skipped and nothing else changes; its spread around AdamW is
+how far a small perturbation alone moves a task's result); ``linefit``, ``linefit+`` (no weights);
+``wnn+`` (published ``nino_mlp.pt``);
 ``nino-published`` (published ``nino_no_posw.pt``); ``nino-ours`` (the checkpoint shipped in the
 package); ``nino-ours-dynamic`` (the same with ``DynamicPeriod()``); ``nino-ours-guarded`` (the same
 with ``run_training(guard=1.0)``: a nowcast that raises its step's training loss is undone and AdamW
@@ -52,9 +55,10 @@ from nowcast.schedule import DynamicPeriod  # noqa: E402
 from nowcast.tasks import TASKS, get_task, load_task_data  # noqa: E402
 from nowcast.train import run_training  # noqa: E402
 
-METHODS = ["adamw", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours", "nino-ours-dynamic",
-           "nino-ours-guarded"]
-LABELS = {"adamw": "AdamW", "linefit": "Linefit", "linefit+": "Linefit+", "wnn+": "WNN+ (published)",
+METHODS = ["adamw", "no-change", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours",
+           "nino-ours-dynamic", "nino-ours-guarded"]
+LABELS = {"adamw": "AdamW", "no-change": "No change (control)", "linefit": "Linefit", "linefit+": "Linefit+",
+          "wnn+": "WNN+ (published)",
           "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, shipped)",
           "nino-ours-dynamic": "NiNo (ours, shipped) + dynamic period",
           "nino-ours-guarded": "NiNo (ours, shipped) + loss guard"}
@@ -90,6 +94,8 @@ def make_method(name: str, task_period: int = 1000) -> tuple[Any, Any]:
     """
     if name == "adamw":
         return None, task_period
+    if name == "no-change":
+        return nowcast.NoChange(), task_period
     if name == "linefit":
         return nowcast.Linefit(), task_period
     if name == "linefit+":

@@ -1,4 +1,4 @@
-"""Nowcasters that consume compiled neural graphs (NiNo GNN, WNN+, Linefit, Linefit+).
+"""Nowcasters that consume compiled neural graphs (NiNo GNN, WNN+, Linefit, Linefit+, NoChange).
 
 Depends on :mod:`neugraph`'s public API only. Every nowcaster has
 ``predict(graph, states, k) -> (num_params,)`` (see :mod:`nowcast.base`); ``load`` reads the
@@ -7,7 +7,7 @@ published NiNo checkpoints and our own safetensors format, ``save`` writes the l
 from .base import Nowcaster
 from .checkpoint import CheckpointError, load, save
 from .gnn import NiNoGNN
-from .linefit import Linefit, LinefitPlus
+from .linefit import Linefit, LinefitPlus, NoChange
 from .scaling import METHODS as SCALING_METHODS
 from .scaling import Scales, scale, unscale
 from .scatter import get_backend as scatter_backend
@@ -15,7 +15,7 @@ from .scatter import set_backend as set_scatter_backend
 from .stream import stream_predict
 from .wnn import WNNPlus
 
-__all__ = ["Nowcaster", "NiNoGNN", "WNNPlus", "Linefit", "LinefitPlus", "load", "save", "CheckpointError",
+__all__ = ["Nowcaster", "NiNoGNN", "WNNPlus", "Linefit", "LinefitPlus", "NoChange", "load", "save", "CheckpointError",
            "scale", "unscale", "Scales", "SCALING_METHODS", "scatter_backend", "set_scatter_backend",
            "stream_predict"]
 

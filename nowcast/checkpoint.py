@@ -18,13 +18,13 @@ import torch
 
 from .base import Nowcaster
 from .gnn import NiNoGNN
-from .linefit import Linefit, LinefitPlus
+from .linefit import Linefit, LinefitPlus, NoChange
 from .wnn import WNNPlus
 
 FORMAT = "neural-nowcasting"
 VERSION = 1
 WEIGHTS, CONFIG = "nowcaster.safetensors", "config.json"
-CLASSES: dict[str, type[Nowcaster]] = {c.__name__: c for c in (NiNoGNN, WNNPlus, Linefit, LinefitPlus)}
+CLASSES: dict[str, type[Nowcaster]] = {c.__name__: c for c in (NiNoGNN, WNNPlus, Linefit, LinefitPlus, NoChange)}
 
 # published NiNoModel arguments we honour, and the values we support for the others
 _GNN_ARGS = {"ctx": "ctx", "hid": "hidden", "layers": "layers", "max_seq_len": "horizon",

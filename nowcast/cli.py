@@ -45,6 +45,7 @@ def resolve_nowcaster(spec: str) -> Any:
       ``../shared/reference/checkpoints/nino_no_posw.pt`` beside the repository (or the working
       directory).
     - ``linefit`` / ``linefit+``: the untrained baselines.
+    - ``no-change``: the null nowcast (the newest state), a control for the wrapper's own effect.
     - anything else: a path to a checkpoint ``nowcast.load`` reads.
     """
     import nowcast
@@ -67,10 +68,12 @@ def resolve_nowcaster(spec: str) -> Any:
         return nowcast.Linefit()
     if key in ("linefit+", "linefitplus", "linefit-plus"):
         return nowcast.LinefitPlus()
+    if key in ("no-change", "nochange"):
+        return nowcast.NoChange()
     path = Path(spec).expanduser()
     if not path.exists():
         raise NowcasterSpecError(f"--nowcaster {spec!r}: no such file; pass default, published, linefit, "
-                                 "linefit+ or the path of a checkpoint")
+                                 "linefit+, no-change or the path of a checkpoint")
     try:
         return nowcast.load(path)
     except (nowcast.CheckpointError, OSError) as e:
@@ -168,7 +171,8 @@ def cmd_demo(args: argparse.Namespace, explicit_task: bool) -> int:
     eval_every = args.eval_every or min(task.eval_every, max(1, steps // 20))
     common = dict(steps=steps, eval_every=eval_every, data=data, progress=not args.no_progress)
     base = run_training(task, args.seed, method="adamw", **common)
-    label = f"adamw+{args.nowcaster if args.nowcaster in ('default', 'published', 'linefit', 'linefit+') else type(nowcaster).__name__}"
+    named = args.nowcaster in ("default", "published", "linefit", "linefit+", "no-change")
+    label = f"adamw+{args.nowcaster if named else type(nowcaster).__name__}"
     nino = run_training(task, args.seed, method=label, nowcaster=nowcaster, period=_period(args), ctx=args.ctx,
                         guard=args.guard, **common)
     red = _reduction(base["steps_to_target"], nino["steps_to_target"])
@@ -343,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the task's budget)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: the task's)")
     p.add_argument("--nowcaster", default="default",
-                   help="default (shipped checkpoint), published (nino_no_posw.pt), linefit, linefit+, or a path")
+                   help="default (shipped checkpoint), published (nino_no_posw.pt), linefit, linefit+, "
+                        "no-change (a control), or a path")
     p.add_argument("--out", default="runs/demo", help="directory for the plot and JSON (default runs/demo)")
     p.add_argument("--data-dir", default=None, help="data directory (default $NOWCAST_DATA or <repo>/data)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")

@@ -1,4 +1,4 @@
-"""Linefit and Linefit+: per-parameter least-squares lines through the past states, no learning.
+"""Linefit, Linefit+ and NoChange: per-parameter baselines through the past states, no learning.
 
 Time is measured in units of the spacing between two recorded states: the ``ctx`` states sit at
 t = 0, 1, ..., ctx - 1 (oldest first) and horizon ``k`` means t = ctx - 1 + k. With the optimizer's
@@ -15,7 +15,12 @@ nowcasters' k uses.
   scaling of NiNo) so that an element with a noisy trajectory cannot jump far. ``clip=None``
   disables the clip, and then Linefit+ is exactly ``w_newest + k * b``.
 
-Neither needs a graph (``graph=None`` is accepted); with a graph, frozen parameters stay put, and
+- **NoChange** (persistence): returns the newest state. Wrapped in :class:`nowcast.optim.NiNo` it is
+  the null nowcast: the run is the base optimizer's with every nowcast step's update skipped, so it
+  measures what the wrapper alone does to a run (the skipped steps, and how far a training run drifts
+  after such a small perturbation), the baseline any nowcaster's effect has to exceed.
+
+None needs a graph (``graph=None`` is accepted); with a graph, frozen parameters stay put, and
 Linefit+ takes its tensor boundaries from the graph (without one, the whole vector is one tensor
 unless ``sizes`` is given). ``embed`` is not defined for them (no learned representation).
 """
@@ -82,3 +87,21 @@ class LinefitPlus(Linefit):
             delta = torch.maximum(torch.minimum(delta, bound), -bound)
         return keep_frozen(graph, s, s[:, -1] + delta)
 
+
+class NoChange(Nowcaster):
+    """The newest state at every horizon (see the module docstring)."""
+
+    needs_graph = False
+
+    def __init__(self, ctx: int = 5, horizon: int = 40):
+        super().__init__()
+        if ctx < 1:
+            raise ValueError(f"ctx must be >= 1, got {ctx}")
+        self._config = dict(ctx=ctx, horizon=horizon)
+        self.ctx, self.max_horizon = ctx, horizon
+
+    def predict(self, graph, states: torch.Tensor, k: int) -> torch.Tensor:
+        return self.check(graph, states, k)[:, -1].clone()
+
+    def embed(self, graph, states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("NoChange has no learned representation, so no trajectory embedding")

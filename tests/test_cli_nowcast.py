@@ -66,6 +66,7 @@ def test_resolve_nowcaster(monkeypatch, tmp_path):
 
     assert isinstance(cli.resolve_nowcaster("linefit"), nowcast.Linefit)
     assert isinstance(cli.resolve_nowcaster("linefit+"), nowcast.LinefitPlus)
+    assert isinstance(cli.resolve_nowcaster("no-change"), nowcast.NoChange)
     with pytest.raises(cli.NowcasterSpecError, match="no such file"):
         cli.resolve_nowcaster(str(tmp_path / "nothing.pt"))
     if cli.SHIPPED_CHECKPOINT.is_file():

@@ -66,3 +66,17 @@ def test_linefit_needs_no_graph_and_checks_inputs():
         lf.predict(None, torch.zeros(3, 5), 41)
     with pytest.raises(NotImplementedError, match="embedding"):
         lf.embed(None, torch.zeros(3, 5))
+
+
+def test_no_change_returns_the_newest_state_and_round_trips(tmp_path):
+    from nowcast import NoChange, load, save
+
+    states = torch.randn(30, 5).cumsum(1)
+    for k in (1, 40):
+        got = NoChange().predict(None, states, k)
+        assert torch.equal(got, states[:, -1]) and got.data_ptr() != states.data_ptr()
+    with pytest.raises(ValueError, match="horizon"):
+        NoChange().predict(None, states, 41)
+    save(NoChange(ctx=5), tmp_path / "nc")
+    again = load(tmp_path / "nc")
+    assert type(again) is NoChange and again.config == {"ctx": 5, "horizon": 40}

@@ -188,3 +188,24 @@ def test_guard_keeps_nowcasts_that_do_not_raise_the_step_loss():
 def test_guard_below_one_is_refused():
     with pytest.raises(ValueError, match="guard must be"):
         run_training(TINY, 0, nowcaster=_Fixed(1.0), guard=0.9, data=_tiny_data(), progress=False)
+
+
+def test_no_change_nowcaster_is_adamw_with_the_nowcast_steps_skipped():
+    """The benchmark's control: NoChange in the wrapper only drops the base update on nowcast steps."""
+    from nowcast import NoChange
+    from nowcast.tasks import batches, build_model, evaluate, loss_fn
+
+    data = _tiny_data()
+    r = run_training(TINY, 0, nowcaster=NoChange(), period=10, ctx=5, data=data, progress=False)
+    assert r["nowcast_steps"] == [9, 19, 29] and r["nowcasts_rejected"] == 0
+    model = build_model(TINY, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=TINY.lr, weight_decay=TINY.weight_decay)
+    stream = batches(TINY, data, 0)
+    for step in range(TINY.steps):
+        x, y = next(stream)
+        if step in (9, 19, 29):
+            continue
+        opt.zero_grad()
+        loss_fn(TINY, model, x, y).backward()
+        opt.step()
+    assert evaluate(TINY, model, data) == r["final_score"]
