@@ -88,20 +88,8 @@ class LinefitPlus(Linefit):
         return keep_frozen(graph, s, s[:, -1] + delta)
 
 
-class NoChange(Nowcaster):
+class NoChange(Linefit):
     """The newest state at every horizon (see the module docstring)."""
-
-    needs_graph = False
-
-    def __init__(self, ctx: int = 5, horizon: int = 40):
-        super().__init__()
-        if ctx < 1:
-            raise ValueError(f"ctx must be >= 1, got {ctx}")
-        self._config = dict(ctx=ctx, horizon=horizon)
-        self.ctx, self.max_horizon = ctx, horizon
 
     def predict(self, graph, states: torch.Tensor, k: int) -> torch.Tensor:
         return self.check(graph, states, k)[:, -1].clone()
-
-    def embed(self, graph, states: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("NoChange has no learned representation, so no trajectory embedding")
