@@ -1,0 +1,136 @@
+"""Which parameters does a nowcast help or hurt? Nowcast one part of the model, hold the rest.
+
+A diagnostic beside the acceleration benchmark: the same training run as its ``nino-ours`` method
+(``nowcast.train.run_training``, same weights, batches, period and horizons), except that at every
+nowcast the parameters of the held part keep their newest state (as under the ``no-change``
+control) while the rest take the shipped nowcaster's prediction. Comparing the final scores of the
+held variants with ``adamw``, ``no-change`` and ``nino-ours`` on the same seed locates the damage.
+
+Parts (``--hold``):
+- ``token-embedding``: the model's input embedding (``get_input_embeddings()``; tied to the output
+  head in the GPT-2-style tasks), so only the rest is nowcast;
+- ``body``: everything except the token embedding (position embeddings included), so only the token
+  embedding is nowcast;
+- ``vectors``: every 1-D parameter (biases, LayerNorm gains and shifts);
+- ``matrices``: every parameter with 2 or more dimensions.
+
+    python benchmarks/partial_nowcast.py --task austen-3-24-bpe --seed 0 --hold token-embedding,body
+
+Writes one run record per (task, hold, seed) to ``benchmarks/results/partial_nowcast/`` (the
+``run_training`` record plus ``hold`` and the count of held values) and a Markdown summary beside.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import nowcast  # noqa: E402
+from nowcast.cli import SHIPPED_CHECKPOINT  # noqa: E402
+from nowcast.tasks import build_model, get_task  # noqa: E402
+from nowcast.train import run_training  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "partial_nowcast"
+PARTS = ("token-embedding", "body", "vectors", "matrices")
+
+
+def held_mask(model: torch.nn.Module, hold: str) -> torch.Tensor:
+    """Bool over the flat parameter vector (``named_parameters()`` order): True where held."""
+    if hold not in PARTS:
+        raise ValueError(f"unknown part {hold!r}; choose from {', '.join(PARTS)}")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if hold in ("token-embedding", "body") and emb is None:
+        raise ValueError(f"--hold {hold} needs a model with get_input_embeddings() (the language-model tasks)")
+    parts = []
+    for _, p in model.named_parameters():
+        is_emb = emb is not None and p is emb.weight
+        held = {"token-embedding": is_emb, "body": not is_emb, "vectors": p.dim() == 1,
+                "matrices": p.dim() >= 2}[hold]
+        parts.append(torch.full((p.numel(),), held))
+    return torch.cat(parts)
+
+
+class HeldNowcaster:
+    """``base``'s prediction with the entries under ``mask`` replaced by their newest state."""
+
+    def __init__(self, base: Any, mask: torch.Tensor) -> None:
+        self.base, self.mask = base, mask
+        self.needs_graph, self.ctx = base.needs_graph, base.ctx
+        self.max_horizon = getattr(base, "max_horizon", 40)
+
+    def predict(self, graph: Any, states: torch.Tensor, k: int) -> torch.Tensor:
+        pred = self.base.predict(graph, states, k).clone()
+        pred[self.mask] = states[self.mask, -1].to(pred.dtype)
+        return pred
+
+    def parameters(self):
+        return self.base.parameters()
+
+
+def run(task_name: str, seed: int, hold: str, out: Path) -> dict:
+    task = get_task(task_name)
+    mask = held_mask(build_model(task, seed), hold)
+    rec = run_training(task, seed, method=f"nino-ours-hold-{hold}",
+                       nowcaster=HeldNowcaster(nowcast.load(SHIPPED_CHECKPOINT), mask), progress=False)
+    rec.update(hold=hold, held_values=int(mask.sum()), num_values=mask.numel(),
+               command=f"python benchmarks/partial_nowcast.py --task {task_name} --seed {seed} --hold {hold}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{task_name}__hold-{hold}__s{seed}.json").write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+def _reference(task: str, method: str, seed: int, steps: int) -> dict | None:
+    """The acceleration benchmark's cached run of ``method`` on the same task and seed, if any."""
+    f = ROOT / "benchmarks" / "results" / "acceleration" / "runs" / f"{task}__{method}__s{seed}__{steps}.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def summary(out: Path) -> str:
+    """Markdown table of every record under ``out``, with AdamW, no-change and nino-ours beside."""
+    rows = ["| task | seed | run | steps to target | final score | final vs AdamW |", "|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, int, int], list[dict]] = {}
+    for f in sorted(out.glob("*__hold-*__s*.json")):
+        r = json.loads(f.read_text())
+        groups.setdefault((r["task"], r["seed"], r["steps"]), []).append(r)
+    for (task, seed, steps), recs in groups.items():
+        refs = [(m, _reference(task, m, seed, steps)) for m in ("adamw", "no-change", "nino-ours")]
+        adamw = refs[0][1]
+        lines = [(m, r) for m, r in refs if r is not None]
+        lines += [(f"hold {r['hold']} ({r['held_values']:,} of {r['num_values']:,} values)", r) for r in recs]
+        for label, r in lines:
+            vs = ""
+            if adamw is not None:
+                d = r["final_score"] - adamw["final_score"]
+                vs = f"{d:+.2f}" if r["metric"] == "accuracy" else f"{100 * d / adamw['final_score']:+.1f}%"
+            reached = r["steps_to_target"] if r["steps_to_target"] is not None else "not reached"
+            rows.append(f"| {task} | {seed} | {label} | {reached} | {r['final_score']:.2f} | {vs} |")
+    text = "\n".join(rows) + "\n"
+    (out / "partial_nowcast.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hold", required=True, help=f"comma-separated parts: {', '.join(PARTS)}")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the benchmark)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for hold in args.hold.split(","):
+        rec = run(args.task, args.seed, hold, args.out)
+        print(f"{args.task} seed {args.seed} hold {hold}: final {rec['final_score']:.2f}, "
+              f"steps to target {rec['steps_to_target']}", flush=True)
+    print(summary(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""benchmarks/partial_nowcast.py: the held parts partition the parameters and keep their newest state."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from nowcast.tasks import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pn():
+    spec = importlib.util.spec_from_file_location("partial_nowcast", ROOT / "benchmarks" / "partial_nowcast.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parts_partition_a_tied_gpt2(pn):
+    model = build_model("austen-3-24", 0)
+    n = sum(p.numel() for p in model.parameters())
+    emb, body = pn.held_mask(model, "token-embedding"), pn.held_mask(model, "body")
+    vec, mat = pn.held_mask(model, "vectors"), pn.held_mask(model, "matrices")
+    assert emb.numel() == body.numel() == vec.numel() == mat.numel() == n
+    assert int(emb.sum()) == model.transformer.wte.weight.numel() == 256 * 24
+    assert torch.equal(emb, ~body) and torch.equal(vec, ~mat)
+    assert int(vec.sum()) == sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    # the tied output head is the token embedding, counted once
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_held_entries_keep_the_newest_state(pn):
+    class Shift:  # predicts newest + 1 everywhere
+        needs_graph, ctx, max_horizon = False, 3, 40
+
+        def predict(self, graph, states, k):
+            return states[:, -1] + 1.0
+
+        def parameters(self):
+            return iter(())
+
+    mask = torch.tensor([True, False, True, False])
+    states = torch.arange(12, dtype=torch.float32).view(4, 3)
+    pred = pn.HeldNowcaster(Shift(), mask).predict(None, states, 5)
+    assert pred.tolist() == [2.0, 6.0, 8.0, 12.0]
+
+
+def test_embedding_parts_need_a_language_model(pn):
+    with pytest.raises(ValueError, match="get_input_embeddings"):
+        pn.held_mask(build_model("fm16", 0), "body")
+    with pytest.raises(ValueError, match="unknown part"):
+        pn.held_mask(build_model("fm16", 0), "heads")
