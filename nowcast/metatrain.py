@@ -90,7 +90,8 @@ class TrajectoryTask:
 
     ``stride`` is the number of saves between two window states (``period / ctx / save_every``);
     ``train_runs`` / ``val_runs`` are the run ids usable for training / validation (runs with at
-    least one complete window and one target).
+    least one complete window and one target). ``columns`` (None: all) are the entries of a stored
+    state that form the state of ``graph``'s model (a vocabulary sample, see :func:`vocab_columns`).
     """
 
     name: str
@@ -107,10 +108,11 @@ class TrajectoryTask:
     trainable: torch.Tensor = field(default=None, repr=False)
     flat_ids: dict | None = field(default=None, repr=False)
     param_map: "ParamMap | None" = field(default=None, repr=False)
+    columns: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_params(self) -> int:
-        return int(self.states.shape[2])
+        return int(self.states.shape[2]) if self.columns is None else len(self.columns)
 
     def newest_range(self, run: int) -> tuple[int, int]:
         """Inclusive range of the newest window save for ``run`` that leaves at least one target."""
@@ -128,7 +130,8 @@ def window_stride(period: int, ctx: int, save_every: int) -> int:
 
 
 def load_task(name: str, store: str | Path, graph, *, period: int = 1000, ctx: int = 5, horizon: int = 40,
-              val_fraction: float = 0.1, ir=None, max_runs: int | None = None) -> TrajectoryTask:
+              val_fraction: float = 0.1, ir=None, max_runs: int | None = None,
+              columns: np.ndarray | None = None) -> TrajectoryTask:
     """Open ``store`` (a ``<root>/<task>`` directory) for meta-training on ``graph``.
 
     ``max_runs``: use only the store's first ``max_runs`` runs (a store still being collected one
@@ -137,6 +140,8 @@ def load_task(name: str, store: str | Path, graph, *, period: int = 1000, ctx: i
     ``graph`` is ``neugraph.compile(model, example_inputs, profile="nino")`` of the task's model;
     ``ir`` (``neugraph.trace`` of the same model) enables permutation augmentation. The last
     ``val_fraction`` of the runs (at least one when there are two or more) are held out.
+    ``columns``: ``graph`` is of a smaller model whose state is these entries of a stored state
+    (:func:`vocab_columns`); windows read only them.
     """
     store = Path(store)
     states, meta, _complete = open_store(store)
@@ -148,7 +153,12 @@ def load_task(name: str, store: str | Path, graph, *, period: int = 1000, ctx: i
         runs = max_runs
     if meta.get("task") not in (None, name):
         raise MetaTrainError(f"{store}: the store holds task {meta['task']!r}, not {name!r}; check --data/--tasks")
-    if num_params != graph.num_params:
+    if columns is not None:
+        columns = np.asarray(columns, dtype=np.int64)
+        if len(columns) != graph.num_params or columns.min(initial=0) < 0 or columns.max(initial=0) >= num_params:
+            raise MetaTrainError(f"{store}: {len(columns)} columns for a graph of {graph.num_params} parameters, from "
+                                 f"states of {num_params}; build them with vocab_columns for this store's model")
+    elif num_params != graph.num_params:
         raise MetaTrainError(f"{store}: {num_params} parameters per state but the graph of task {name!r} has "
                              f"{graph.num_params}; the store was collected for another model: recollect it")
     names = meta.get("param_names")
@@ -169,7 +179,7 @@ def load_task(name: str, store: str | Path, graph, *, period: int = 1000, ctx: i
     _ = graph.edge_index, graph.edge_type  # materialise once; shallow copies (LPE sign flips) share them
     return TrajectoryTask(name=name, graph=graph, states=states, done=done, save_every=int(meta["save_every"]),
                     stride=stride, ctx=ctx, horizon=horizon, train_runs=train, val_runs=val, ir=ir,
-                    trainable=graph.trainable_mask, param_map=ParamMap.of(graph))
+                    trainable=graph.trainable_mask, param_map=ParamMap.of(graph), columns=columns)
 
 
 # ---- windows ---------------------------------------------------------------------------------------
@@ -212,7 +222,10 @@ def read_windows(task: TrajectoryTask, run: int, newest: Sequence[int]) -> list[
     first, last_needed = newest[0] - (ctx - 1) * s, newest[-1] + K * s
     last = min(last_needed, int(task.done[run]) - 1)
     saves = np.arange(first, last + 1, s)
-    block = torch.from_numpy(np.asarray(task.states[run, saves], dtype=np.float32)).t().contiguous()  # (P, n)
+    block = np.asarray(task.states[run, saves])
+    if task.columns is not None:
+        block = block[:, task.columns]
+    block = torch.from_numpy(block.astype(np.float32)).t().contiguous()  # (P, n)
     finite = torch.isfinite(block).all(0)
     out = []
     for j in range(len(newest)):
@@ -530,10 +543,12 @@ class MetaTrainConfig:
     model: dict = field(default_factory=dict)  # NiNoGNN arguments (defaults: the published architecture)
     relative: bool = False  # train on each window's loss divided by its no-change loss (relative_window_loss)
     init: str | None = None  # start from this nowcaster's weights (load_for_evaluation) instead of a random init
+    vocab_sample: int | None = None  # language models with a larger vocabulary: that many token rows (vocab_columns)
 
     # keys that change the weights the run produces (a resumed run must agree on them)
     TRAINING_KEYS = ("steps", "batch", "per_run", "lr", "min_lr", "warmup", "weight_decay", "clip", "period",
-                     "lpe_flip", "permute", "amp", "seed", "val_fraction", "model", "relative", "init")
+                     "lpe_flip", "permute", "amp", "seed", "val_fraction", "model", "relative", "init",
+                     "vocab_sample")
 
     def __post_init__(self):
         for key in ("steps", "batch", "per_run", "val_every", "ckpt_every"):
@@ -547,6 +562,8 @@ class MetaTrainConfig:
             raise MetaTrainError(f"clip must be > 0, got {self.clip}")
         if not 0 <= self.val_fraction < 1:
             raise MetaTrainError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.vocab_sample is not None and int(self.vocab_sample) < 1:
+            raise MetaTrainError(f"vocab_sample must be >= 1 (or None: whole vocabularies), got {self.vocab_sample}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -915,6 +932,73 @@ def compile_task(name: str, lpe: int = 8):
     return graph, ir
 
 
+def vocab_rows(vocab: int, n: int, seed: int) -> np.ndarray:
+    """``n`` of the token ids ``0 .. vocab - 1``, drawn uniformly without replacement from ``seed``, sorted."""
+    if not 1 <= n <= vocab:
+        raise MetaTrainError(f"cannot sample {n} of {vocab} vocabulary rows; choose 1 <= n <= {vocab}")
+    return np.sort(torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:n].numpy())
+
+
+def vocab_columns(full_shapes: Sequence[Sequence[int]], sampled_shapes: Sequence[Sequence[int]], vocab: int,
+                  rows: np.ndarray) -> np.ndarray:
+    """Entries of a flat state of a model that form the flat state of the same model at vocabulary ``len(rows)``.
+
+    Both flat states hold the parameters one after another in the same order. Along an axis of size
+    ``vocab`` in the full model and ``len(rows)`` in the sampled one the entries of token ``rows``
+    are kept (in that order); every other axis must be the same size.
+    """
+    if len(full_shapes) != len(sampled_shapes):
+        raise MetaTrainError(f"{len(full_shapes)} parameters in the full model but {len(sampled_shapes)} in the "
+                             "sampled one; they must be the same model at two vocabulary sizes")
+    picked = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    out, off = [], 0
+    for full, small in zip(full_shapes, sampled_shapes):
+        full, small = tuple(int(d) for d in full), tuple(int(d) for d in small)
+        if len(full) != len(small):
+            raise MetaTrainError(f"a parameter of shape {full} has shape {small} in the sampled model")
+        ids = torch.arange(off, off + math.prod(full)).view(full)
+        for axis, (a, b) in enumerate(zip(full, small)):
+            if a == b:
+                continue
+            if a != vocab or b != len(picked):
+                raise MetaTrainError(f"a parameter of shape {full} has shape {small} in the sampled model: only "
+                                     f"vocabulary axes ({vocab} -> {len(picked)}) may differ")
+            ids = ids.index_select(axis, picked)
+        out.append(ids.reshape(-1))
+        off += math.prod(full)
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def compile_sampled_task(name: str, n: int, seed: int, lpe: int = 8):
+    """(graph, ir, columns) of a registered language model's task at vocabulary ``n``, or None.
+
+    None when the task has no token vocabulary larger than ``n`` (it is meta-trained whole). Else
+    the graph is of the same architecture with ``n`` token rows, and ``columns`` picks, from a
+    stored state of the full model, the entries of :func:`vocab_rows` ``(vocab, n, seed)``. A GPT-2
+    BPE model is 98% embedding (50,257 rows); its materialised graph costs 32 s a GNN forward pass
+    on a CPU, while the model at a sampled vocabulary of 1,024 costs what a byte-level one does.
+    The GNN aggregates messages by their mean, so the hidden neurons see a fair sample of rows.
+    """
+    import neugraph
+
+    from . import tasks as registry
+
+    task = registry.get_task(name)
+    vocab = task.arch.get("vocab") if task.kind != "vision" else None
+    if vocab is None or vocab <= n:
+        return None
+    small = dataclasses.replace(task, arch={**task.arch, "vocab": n})
+    model = registry.build_model(small, seed=0)
+    ir = neugraph.trace(model, registry.example_inputs(small))
+    graph = neugraph.compile(ir, profile="nino", lpe=lpe)
+    full = [tuple(p.shape) for _, p in registry.build_model(task, seed=0).named_parameters()]
+    sampled = [tuple(p.shape) for _, p in model.named_parameters()]
+    if graph.param_names != [nm for nm, _ in model.named_parameters()]:
+        raise MetaTrainError(f"task {name}: graph.param_names differ from named_parameters(); the compiler and the "
+                             "collector would disagree on the flat order")
+    return graph, ir, vocab_columns(full, sampled, vocab, vocab_rows(vocab, n, seed))
+
+
 def _periods(text: str) -> int | list[int]:
     """``--period`` value: ``P`` (every task) or ``P1,P2,...`` (one per ``--tasks`` entry)."""
     try:
@@ -975,6 +1059,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="PATH",
                    help="start from this nowcaster's weights (.safetensors, a nowcast.save directory or a "
                         "meta-training .pt) instead of a random init: fine-tune a checkpoint on more data")
+    p.add_argument("--vocab-sample", type=int, default=None, metavar="N",
+                   help="language models with more than N tokens (GPT-2 BPE: 50,257) are meta-trained on N token "
+                        "rows drawn once from --seed and the graph of the same model at vocabulary N (default: "
+                        "whole models)")
     p.add_argument("--hidden", type=int, default=128, help="GNN hidden size (default 128, the published model)")
     p.add_argument("--layers", type=int, default=3, help="message-passing layers (default 3)")
     p.add_argument("--head", default="mlp", choices=("mlp", "gru", "lstm"), help="DMS head (default mlp)")
@@ -1010,7 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           val_fraction=args.val_fraction, max_runs=args.max_runs, val_windows=args.val_windows,
                           val_every=args.val_every,
                           ckpt_every=args.ckpt_every, keep=args.keep, model=model_cfg, relative=args.relative,
-                          init=args.init)
+                          init=args.init, vocab_sample=args.vocab_sample)
     probe = NiNoGNN(**model_cfg)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     tasks, info = [], []
@@ -1024,14 +1112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise MetaTrainError(f"--period gives {len(periods)} values for {len(names)} --tasks; give one value, or one "
                              "per task in the same order")
     for name, period in zip(names, periods):
-        graph, ir = compile_task(name, lpe=probe.lpe)
+        sampled = None if cfg.vocab_sample is None else compile_sampled_task(name, cfg.vocab_sample, cfg.seed,
+                                                                             lpe=probe.lpe)
+        graph, ir, columns = sampled if sampled is not None else (*compile_task(name, lpe=probe.lpe), None)
         for root, limit in zip(roots, limits):  # one TrajectoryTask per store; each holds out its own last runs
             td = load_task(name, Path(root) / name, graph, period=period, ctx=probe.ctx,
-                           horizon=probe.max_horizon, val_fraction=cfg.val_fraction, ir=ir, max_runs=limit)
+                           horizon=probe.max_horizon, val_fraction=cfg.val_fraction, ir=ir, max_runs=limit,
+                           columns=columns)
             tasks.append(td)
             info.append({"task": name, "store": str(Path(root) / name), "runs": int(td.states.shape[0]),
                          "train_runs": len(td.train_runs), "val_runs": len(td.val_runs), "save_every": td.save_every,
-                         "stride_saves": td.stride, "num_params": td.num_params, "edges": td.graph.num_edges})
+                         "stride_saves": td.stride, "num_params": td.num_params, "edges": td.graph.num_edges,
+                         **({"vocab_sample": cfg.vocab_sample} if columns is not None else {})})
     if args.evaluate:
         return _evaluate(tasks, cfg, [p for p in args.evaluate.split(",") if p], args.json)
     trainer = MetaTrainer(tasks, cfg, args.out, device=args.device, progress=not args.no_progress, task_info=info)

@@ -494,3 +494,103 @@ def test_evaluate_reads_a_published_checkpoint(store, graph_ir):
     task = mt.load_task("tiny", store, graph_ir[0], period=PERIOD, horizon=model.max_horizon)
     windows = mt.fixed_windows([task], 2, seed=1)
     assert np.isfinite(mt.heldout_losses(model, [task], windows)["all"])
+
+
+# ---- vocabulary samples (language models too large to meta-train whole on a CPU) -----------------
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_vocab_rows_are_a_fixed_sorted_sample():
+    rows = mt.vocab_rows(50, 7, seed=3)
+    assert len(set(rows.tolist())) == 7 and (np.diff(rows) > 0).all() and 0 <= rows.min() and rows.max() < 50
+    assert (mt.vocab_rows(50, 7, seed=3) == rows).all() and not (mt.vocab_rows(50, 7, seed=4) == rows).all()
+    with pytest.raises(mt.MetaTrainError, match="cannot sample 51 of 50"):
+        mt.vocab_rows(50, 51, seed=0)
+
+
+def test_vocab_columns_are_the_sampled_model_state():
+    """A token embedding (rows), an untied output layer (rows of its weight and its bias): the full
+    state at ``columns`` is the state of the model that keeps only the sampled tokens."""
+    V, n, d = 11, 4, 3
+
+    def lm(vocab: int) -> nn.Module:
+        return nn.Sequential(nn.Embedding(vocab, d), nn.Linear(d, d), nn.Linear(d, vocab))
+
+    full = lm(V)
+    rows = mt.vocab_rows(V, n, seed=0)
+    small = lm(n)
+    with torch.no_grad():
+        small[0].weight.copy_(full[0].weight[rows])
+        small[1].load_state_dict(full[1].state_dict())
+        small[2].weight.copy_(full[2].weight[rows])
+        small[2].bias.copy_(full[2].bias[rows])
+    shapes = lambda m: [tuple(p.shape) for p in m.parameters()]  # noqa: E731
+    cols = mt.vocab_columns(shapes(full), shapes(small), V, rows)
+    assert torch.equal(flat(full)[torch.from_numpy(cols)], flat(small))
+    with pytest.raises(mt.MetaTrainError, match="only vocabulary axes"):
+        mt.vocab_columns(shapes(full), shapes(lm(n + 1)), V, rows)
+    with pytest.raises(mt.MetaTrainError, match="same model at two vocabulary sizes"):
+        mt.vocab_columns(shapes(full), shapes(small)[:2], V, rows)
+
+
+def test_windows_of_a_sampled_task_are_the_sampled_entries(store, graph_ir, task):
+    """The tiny MLP's 3 outputs stand in for a vocabulary: a task on the 2-output graph reads the
+    rows of outputs 0 and 2 from the full store, and nothing else."""
+    small_model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    small = neugraph.compile(small_model, torch.zeros(1, 4), profile="nino", lpe=8)
+    rows = np.array([0, 2])
+    shapes = lambda m: [tuple(p.shape) for p in m.parameters()]  # noqa: E731
+    cols = mt.vocab_columns(shapes(tiny_model(0)), shapes(small_model), 3, rows)
+    sampled = mt.load_task("tiny", store, small, period=PERIOD, horizon=TINY["horizon"], columns=cols)
+    assert sampled.num_params == small.num_params == len(cols) < task.num_params
+    newest = [sampled.newest_range(0)[0]]
+    (w, t, m), = mt.read_windows(sampled, 0, newest)
+    (wf, tf, mf), = mt.read_windows(task, 0, newest)
+    idx = torch.from_numpy(cols)
+    assert torch.equal(w, wf[idx]) and torch.equal(t, tf[idx]) and torch.equal(m, mf)
+    model = nowcast.NiNoGNN(**TINY)
+    assert torch.isfinite(mt.window_loss(model, sampled, mt.Window(0, 0, newest[0], w, t, m)))
+    with pytest.raises(mt.MetaTrainError, match="columns for a graph"):
+        mt.load_task("tiny", store, small, period=PERIOD, horizon=TINY["horizon"], columns=cols[:-1])
+
+
+def test_cli_vocab_sample_meta_trains_on_the_sampled_graph(store, graph_ir, tmp_path, monkeypatch):
+    small_model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    small_ir = neugraph.trace(small_model, torch.zeros(1, 4))
+    shapes = lambda m: [tuple(p.shape) for p in m.parameters()]  # noqa: E731
+    calls = []
+
+    def sampled(name, n, seed, lpe=8):
+        calls.append((name, n, seed))
+        rows = mt.vocab_rows(3, n, seed)
+        return (neugraph.compile(small_ir, profile="nino", lpe=lpe), small_ir,
+                mt.vocab_columns(shapes(tiny_model(0)), shapes(small_model), 3, rows))
+
+    monkeypatch.setattr(mt, "compile_task", lambda name, lpe=8: pytest.fail("the sampled graph must be used"))
+    monkeypatch.setattr(mt, "compile_sampled_task", sampled)
+    out = tmp_path / "run"
+    assert mt.main(["--data", str(store.parent), "--tasks", "tiny", "--steps", "2", "--batch", "2", "--period",
+                    str(PERIOD), "--hidden", "16", "--layers", "2", "--no-progress", "--val-windows", "2",
+                    "--vocab-sample", "2", "--seed", "5", "--out", str(out)]) == 0
+    assert calls == [("tiny", 2, 5)]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tasks"][0]["vocab_sample"] == 2 and cfg["tasks"][0]["num_params"] == 8 * 4 + 8 + 2 * 8 + 2
+
+
+def test_gpt2_bpe_task_compiles_at_a_sampled_vocabulary():
+    """The real GPT-2 BPE task: its 50,257-row tied embedding becomes 64 rows; byte-level and
+    vision tasks are meta-trained whole."""
+    pytest.importorskip("transformers", reason="language-model tasks need transformers (dev extra)")
+    from nowcast import tasks as registry
+
+    graph, ir, cols = mt.compile_sampled_task("austen-3-24-bpe", 64, seed=0)
+    full = registry.build_model("austen-3-24-bpe", seed=0)
+    assert graph.num_params == len(cols) == registry.num_params(full) - (50257 - 64) * 24
+    assert graph.param_names == [n for n, _ in full.named_parameters()]
+    rows = mt.vocab_rows(50257, 64, seed=0)
+    wte = full.transformer.wte.weight.detach()
+    assert torch.equal(flat(full)[torch.from_numpy(cols[: 64 * 24])], wte[rows].reshape(-1))
+    assert torch.equal(flat(full)[torch.from_numpy(cols[64 * 24:])], flat(full)[50257 * 24:])
+    assert mt.compile_sampled_task("austen-3-24", 1024, seed=0) is None
+    assert mt.compile_sampled_task("fm16", 64, seed=0) is None
