@@ -976,7 +976,7 @@ def compile_sampled_task(name: str, n: int, seed: int, lpe: int = 8):
     the graph is of the same architecture with ``n`` token rows, and ``columns`` picks, from a
     stored state of the full model, the entries of :func:`vocab_rows` ``(vocab, n, seed)``. A GPT-2
     BPE model is 98% embedding (50,257 rows); its materialised graph costs 32 s a GNN forward pass
-    on a CPU, while the model at a sampled vocabulary of 1,024 costs what a byte-level one does.
+    on a CPU; at a sampled vocabulary of 1,024 it has 49,849 edges (byte-level austen-3-24: 32,249).
     The GNN aggregates messages by their mean, so the hidden neurons see a fair sample of rows.
     """
     import neugraph
