@@ -31,8 +31,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import nowcast  # noqa: E402
+from acceleration import OUT as ACCELERATION_OUT  # noqa: E402
+from acceleration import run_file  # noqa: E402
 from nowcast.cli import SHIPPED_CHECKPOINT  # noqa: E402
 from nowcast.tasks import build_model, get_task  # noqa: E402
 from nowcast.train import run_training  # noqa: E402
@@ -88,7 +91,7 @@ def run(task_name: str, seed: int, hold: str, out: Path) -> dict:
 
 def _reference(task: str, method: str, seed: int, steps: int) -> dict | None:
     """The acceleration benchmark's cached run of ``method`` on the same task and seed, if any."""
-    f = ROOT / "benchmarks" / "results" / "acceleration" / "runs" / f"{task}__{method}__s{seed}__{steps}.json"
+    f = run_file(ACCELERATION_OUT, task, method, seed, steps)
     return json.loads(f.read_text()) if f.is_file() else None
 
 

@@ -1,21 +1,17 @@
 """benchmarks/acceleration.py's summary: medians with "not reached", bounds, stale runs left out."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def acc():
-    spec = importlib.util.spec_from_file_location("acceleration_bench", ROOT / "benchmarks" / "acceleration.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("acceleration.py", "acceleration_bench")
 
 
 def record(acc, task: str, method: str, seed: int, steps_to_target, final: float, **kw) -> dict:

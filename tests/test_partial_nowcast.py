@@ -1,23 +1,16 @@
 """benchmarks/partial_nowcast.py: the held parts partition the parameters and keep their newest state."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from nowcast.tasks import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def pn():
-    spec = importlib.util.spec_from_file_location("partial_nowcast", ROOT / "benchmarks" / "partial_nowcast.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("partial_nowcast.py", "partial_nowcast")
 
 
 def test_parts_partition_a_tied_gpt2(pn):
