@@ -12,7 +12,12 @@ Parts (``--hold``):
 - ``body``: everything except the token embedding (position embeddings included), so only the token
   embedding is nowcast;
 - ``vectors``: every 1-D parameter (biases, LayerNorm gains and shifts);
-- ``matrices``: every parameter with 2 or more dimensions.
+- ``matrices``: every parameter with 2 or more dimensions;
+- ``final-nowcast``: every parameter, at the run's last nowcast only (with the constant period the
+  last nowcast falls on the last step, horizon k=1, so the final score is read with no AdamW step
+  after it); every earlier nowcast is the full prediction;
+- ``match:REGEX``: every parameter whose ``named_parameters()`` name matches ``REGEX``
+  (``re.search``), e.g. ``match:ln_f`` for the final LayerNorm of the GPT-2-style tasks.
 
     python benchmarks/partial_nowcast.py --task austen-3-24-bpe --seed 0 --hold token-embedding,body
 
@@ -23,9 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -41,13 +47,20 @@ from nowcast.tasks import build_model, get_task  # noqa: E402
 from nowcast.train import run_training  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "partial_nowcast"
-PARTS = ("token-embedding", "body", "vectors", "matrices")
+PARTS = ("token-embedding", "body", "vectors", "matrices", "final-nowcast")
 
 
 def held_mask(model: torch.nn.Module, hold: str) -> torch.Tensor:
     """Bool over the flat parameter vector (``named_parameters()`` order): True where held."""
+    if hold.startswith("match:"):
+        pattern = re.compile(hold[len("match:"):])
+        mask = torch.cat([torch.full((p.numel(),), bool(pattern.search(n))) for n, p in model.named_parameters()])
+        if not mask.any():
+            raise ValueError(f"--hold {hold}: no parameter name matches; names look like "
+                             f"{', '.join(n for n, _ in list(model.named_parameters())[:3])}")
+        return mask
     if hold not in PARTS:
-        raise ValueError(f"unknown part {hold!r}; choose from {', '.join(PARTS)}")
+        raise ValueError(f"unknown part {hold!r}; choose from {', '.join(PARTS)} or match:REGEX")
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if hold in ("token-embedding", "body") and emb is None:
         raise ValueError(f"--hold {hold} needs a model with get_input_embeddings() (the language-model tasks)")
@@ -55,20 +68,26 @@ def held_mask(model: torch.nn.Module, hold: str) -> torch.Tensor:
     for _, p in model.named_parameters():
         is_emb = emb is not None and p is emb.weight
         held = {"token-embedding": is_emb, "body": not is_emb, "vectors": p.dim() == 1,
-                "matrices": p.dim() >= 2}[hold]
+                "matrices": p.dim() >= 2, "final-nowcast": True}[hold]
         parts.append(torch.full((p.numel(),), held))
     return torch.cat(parts)
 
 
 class HeldNowcaster:
-    """``base``'s prediction with the entries under ``mask`` replaced by their newest state."""
+    """``base``'s prediction with the entries under ``mask`` replaced by their newest state.
 
-    def __init__(self, base: Any, mask: torch.Tensor) -> None:
-        self.base, self.mask = base, mask
+    ``only_call`` (1-based) holds them at that nowcast of the run only; None holds them at every one.
+    """
+
+    def __init__(self, base: Any, mask: torch.Tensor, only_call: Optional[int] = None) -> None:
+        self.base, self.mask, self.only_call, self.calls = base, mask, only_call, 0
         self.needs_graph, self.ctx = base.needs_graph, base.ctx
         self.max_horizon = getattr(base, "max_horizon", 40)
 
     def predict(self, graph: Any, states: torch.Tensor, k: int) -> torch.Tensor:
+        self.calls += 1
+        if self.only_call is not None and self.calls != self.only_call:
+            return self.base.predict(graph, states, k)
         pred = self.base.predict(graph, states, k).clone()
         pred[self.mask] = states[self.mask, -1].to(pred.dtype)
         return pred
@@ -80,12 +99,16 @@ class HeldNowcaster:
 def run(task_name: str, seed: int, hold: str, out: Path) -> dict:
     task = get_task(task_name)
     mask = held_mask(build_model(task, seed), hold)
-    rec = run_training(task, seed, method=f"nino-ours-hold-{hold}",
-                       nowcaster=HeldNowcaster(nowcast.load(SHIPPED_CHECKPOINT), mask), progress=False)
+    # the constant-period schedule nowcasts at steps period-1, 2*period-1, ...: steps // period in all
+    only = task.steps // task.period if hold == "final-nowcast" else None
+    held = HeldNowcaster(nowcast.load(SHIPPED_CHECKPOINT), mask, only_call=only)
+    rec = run_training(task, seed, method=f"nino-ours-hold-{hold}", nowcaster=held, progress=False)
+    if only is not None and held.calls != only:
+        raise RuntimeError(f"expected {only} nowcasts, the run made {held.calls}")
     rec.update(hold=hold, held_values=int(mask.sum()), num_values=mask.numel(),
                command=f"python benchmarks/partial_nowcast.py --task {task_name} --seed {seed} --hold {hold}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{task_name}__hold-{hold}__s{seed}.json").write_text(json.dumps(rec, indent=1))
+    (out / f"{task_name}__hold-{re.sub(r'[^A-Za-z0-9_.+-]', '_', hold)}__s{seed}.json").write_text(json.dumps(rec, indent=1))
     return rec
 
 
@@ -123,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hold", required=True, help=f"comma-separated parts: {', '.join(PARTS)}")
+    ap.add_argument("--hold", required=True, help=f"comma-separated parts: {', '.join(PARTS)}, match:REGEX")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the benchmark)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)

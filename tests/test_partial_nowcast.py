@@ -26,20 +26,42 @@ def test_parts_partition_a_tied_gpt2(pn):
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+class Shift:  # predicts newest + 1 everywhere
+    needs_graph, ctx, max_horizon = False, 3, 40
+
+    def predict(self, graph, states, k):
+        return states[:, -1] + 1.0
+
+    def parameters(self):
+        return iter(())
+
+
 def test_held_entries_keep_the_newest_state(pn):
-    class Shift:  # predicts newest + 1 everywhere
-        needs_graph, ctx, max_horizon = False, 3, 40
-
-        def predict(self, graph, states, k):
-            return states[:, -1] + 1.0
-
-        def parameters(self):
-            return iter(())
-
     mask = torch.tensor([True, False, True, False])
     states = torch.arange(12, dtype=torch.float32).view(4, 3)
     pred = pn.HeldNowcaster(Shift(), mask).predict(None, states, 5)
     assert pred.tolist() == [2.0, 6.0, 8.0, 12.0]
+
+
+def test_final_nowcast_holds_everything_at_one_call_only(pn):
+    model = build_model("fm16", 0)
+    mask = pn.held_mask(model, "final-nowcast")
+    assert bool(mask.all()) and mask.numel() == sum(p.numel() for p in model.parameters())
+    held = pn.HeldNowcaster(Shift(), torch.ones(4, dtype=torch.bool), only_call=3)
+    states = torch.arange(12, dtype=torch.float32).view(4, 3)
+    preds = [held.predict(None, states, k).tolist() for k in (5, 3, 1)]
+    assert preds[0] == preds[1] == [3.0, 6.0, 9.0, 12.0]
+    assert preds[2] == [2.0, 5.0, 8.0, 11.0] and held.calls == 3
+
+
+def test_match_holds_the_parameters_a_regex_names(pn):
+    model = build_model("austen-3-24", 0)
+    mask = pn.held_mask(model, "match:ln_f")
+    assert int(mask.sum()) == 2 * 24  # the final LayerNorm's gain and shift
+    names = [n for n, p in model.named_parameters() for _ in range(p.numel())]
+    assert {names[i] for i in mask.nonzero().flatten().tolist()} == {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+    with pytest.raises(ValueError, match="no parameter name matches"):
+        pn.held_mask(model, "match:no_such_layer")
 
 
 def test_embedding_parts_need_a_language_model(pn):
