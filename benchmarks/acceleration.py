@@ -22,7 +22,9 @@ one plot per task) is rebuilt from every cached run each time.
 
 Methods: ``adamw``; ``no-change`` (the control: AdamW in the same wrapper with ``nowcast.NoChange``,
 so every nowcast step's AdamW update is skipped and nothing else changes; its spread around AdamW is
-how far a small perturbation alone moves a task's result); ``linefit``, ``linefit+`` (no weights);
+how far a small perturbation alone moves a task's result); ``linefit``, ``linefit+`` (no weights;
+NiNo's k-decay from 40, so the first nowcast extrapolates 40 state spacings); ``linefit-kK``,
+``linefit+-kK`` (the same with the k-decay from ``K`` down to 1: the short-horizon baselines);
 ``wnn+`` (published ``nino_mlp.pt``);
 ``nino-published`` (published ``nino_no_posw.pt``); ``nino-ours`` (the checkpoint shipped in the
 package); ``nino-ours-dynamic`` (the same with ``DynamicPeriod()``); ``nino-ours-guarded`` (the same
@@ -39,6 +41,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -62,10 +65,30 @@ LABELS = {"adamw": "AdamW", "no-change": "No change (control)", "linefit": "Line
           "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, shipped)",
           "nino-ours-dynamic": "NiNo (ours, shipped) + dynamic period",
           "nino-ours-guarded": "NiNo (ours, shipped) + loss guard"}
+#: ``linefit-kK`` / ``linefit+-kK``: Linefit(+) under a k-decay from K instead of 40
+SHORT_LINEFIT = re.compile(r"^(linefit\+?)-k([1-9][0-9]*)$")
 #: ``run_training(guard=...)`` per method: a nowcast that raises that step's training loss is undone
 #: and AdamW takes the step
 GUARDS = {"nino-ours-guarded": 1.0}
 OUT = ROOT / "benchmarks" / "results" / "acceleration"
+
+
+def label(method: str) -> str:
+    m = SHORT_LINEFIT.match(method)
+    return f"{LABELS[m.group(1)]} (k from {m.group(2)})" if m else LABELS.get(method, method)
+
+
+def _order(method: str) -> tuple:
+    """Table order: METHODS' order, each ``linefit(+)-kK`` after its Linefit row, unknown names last."""
+    m = SHORT_LINEFIT.match(method)
+    name, k = (m.group(1), int(m.group(2))) if m else (method, 0)
+    return (METHODS.index(name) if name in METHODS else len(METHODS), k, method)
+
+
+def max_horizon(method: str) -> int:
+    """The k the method's k-decay starts from: 40 (the published schedule) unless it is ``linefit(+)-kK``."""
+    m = SHORT_LINEFIT.match(method)
+    return int(m.group(2)) if m else 40
 
 
 def reference_dir() -> Path:
@@ -100,6 +123,10 @@ def make_method(name: str, task_period: int = 1000) -> tuple[Any, Any]:
         return nowcast.Linefit(), task_period
     if name == "linefit+":
         return nowcast.LinefitPlus(), task_period
+    short = SHORT_LINEFIT.match(name)
+    if short:
+        cls = nowcast.Linefit if short.group(1) == "linefit" else nowcast.LinefitPlus
+        return cls(horizon=int(short.group(2))), task_period
     path = method_file(name)
     if path is None:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
@@ -133,6 +160,8 @@ def stale(rec: dict, task: Any, method: str) -> Optional[str]:
         return f"target checked every {rec.get('target_every', 0)} steps, the task now asks {task.target_every}"
     if rec.get("checkpoint_sha256") != checkpoint_sha256(method):
         return "the method's checkpoint file changed"
+    if rec["nowcasts"] + rec["nowcasts_rejected"] and (rec.get("max_k") or 40) != max_horizon(method):
+        return f"k-decay from {rec.get('max_k') or 40}, the method now asks {max_horizon(method)}"
     return None
 
 
@@ -186,12 +215,12 @@ def summarise(out: Path) -> dict:
         base = methods.get("adamw", [])
         base_med = _median_steps([r["steps_to_target"] for r in base])
         base_final = statistics.median([r["final_score"] for r in base]) if base else None
-        for m in [x for x in METHODS if x in methods] + sorted(set(methods) - set(METHODS)):
+        for m in sorted(methods, key=_order):
             rs = sorted(methods[m], key=lambda r: r["seed"])
             med = _median_steps([r["steps_to_target"] for r in rs])
             final = statistics.median([r["final_score"] for r in rs])
             rows.append({
-                "task": task, "steps": steps, "method": m, "label": LABELS.get(m, m), "seeds": [r["seed"] for r in rs],
+                "task": task, "steps": steps, "method": m, "label": label(m), "seeds": [r["seed"] for r in rs],
                 "steps_to_target": [r["steps_to_target"] for r in rs], "median_steps_to_target": med,
                 "reduction_pct": (None if med is None or base_med is None else round(100 * (1 - med / base_med), 1)),
                 # AdamW never reached the target: the reduction is at least that against the whole budget
@@ -321,7 +350,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         continue
                     rec = run_training(task, seed, method=m, nowcaster=nc, steps=steps, eval_every=args.eval_every,
                                        data=data, period=period, progress=not args.no_progress,
-                                       guard=GUARDS.get(m))
+                                       guard=GUARDS.get(m), max_k=max_horizon(m))
                     rec["machine"], rec["torch"] = meta["machine"], meta["torch"]
                     if checkpoint_sha256(m) != sha:  # replaced while it ran: the record would lie
                         print(f"not saved: {m}'s checkpoint file changed during the run", file=sys.stderr)

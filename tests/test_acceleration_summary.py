@@ -74,3 +74,23 @@ def test_worst_seed_final_gap_is_per_seed_against_adamw(acc, tmp_path):
     assert rows["mnist16", "nino-ours"]["worst_seed_final_vs_adamw"] == pytest.approx(-0.6)
     table = (tmp_path / "acceleration.md").read_text()
     assert "| +4.0% |" in table and "| -0.60 |" in table
+
+
+def test_short_horizon_linefit_methods(acc, tmp_path):
+    import nowcast
+
+    nc, period = acc.make_method("linefit+-k3", 400)
+    assert isinstance(nc, nowcast.LinefitPlus) and nc.max_horizon == 3 and period == 400
+    assert isinstance(acc.make_method("linefit-k2")[0], nowcast.Linefit)
+    assert acc.max_horizon("linefit-k2") == 2 and acc.max_horizon("linefit") == acc.max_horizon("nino-ours") == 40
+    with pytest.raises(ValueError, match="unknown method"):
+        acc.make_method("linefit-k0")
+    recs = [record(acc, "fm16", "adamw", 0, 9000, 89.6)]
+    recs += [record(acc, "fm16", m, 0, None, 80.0, nowcasts=9, max_k=k)
+             for m, k in [("linefit-k3", 3), ("linefit", None), ("linefit+-k2", 2), ("linefit-k5", 40)]]
+    write(tmp_path, acc, recs)
+    summary = acc.write_summary(tmp_path, {})
+    # a record made with another k-decay than its name asks is stale; rows keep the methods' order
+    assert [r["method"] for r in summary["rows"]] == ["adamw", "linefit", "linefit-k3", "linefit+-k2"]
+    assert len(summary["stale_runs"]) == 1 and "k-decay from 40, the method now asks 5" in summary["stale_runs"][0]
+    assert {r["method"]: r["label"] for r in summary["rows"]}["linefit+-k2"] == "Linefit+ (k from 2)"
