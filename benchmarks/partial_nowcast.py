@@ -17,7 +17,11 @@ Parts (``--hold``):
   last nowcast falls on the last step, horizon k=1, so the final score is read with no AdamW step
   after it); every earlier nowcast is the full prediction;
 - ``match:REGEX``: every parameter whose ``named_parameters()`` name matches ``REGEX``
-  (``re.search``), e.g. ``match:ln_f`` for the final LayerNorm of the GPT-2-style tasks.
+  (``re.search``), e.g. ``match:ln_f`` for the final LayerNorm of the GPT-2-style tasks;
+- ``unused-tokens``: the token rows the training split never uses (a language model only). Unlike
+  the other parts these rows also leave the GNN's input: it runs on the graph of the same model at
+  the vocabulary the data uses (``nowcast.metatrain.vocab_columns`` picks those entries), so they do
+  not enter the mean aggregation at the embedding neurons either.
 
     python benchmarks/partial_nowcast.py --task austen-3-24-bpe --seed 0 --hold token-embedding,body
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -47,7 +52,7 @@ from nowcast.tasks import build_model, get_task  # noqa: E402
 from nowcast.train import run_training  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "partial_nowcast"
-PARTS = ("token-embedding", "body", "vectors", "matrices", "final-nowcast")
+PARTS = ("token-embedding", "body", "vectors", "matrices", "final-nowcast", "unused-tokens")
 
 
 def held_mask(model: torch.nn.Module, hold: str) -> torch.Tensor:
@@ -61,6 +66,8 @@ def held_mask(model: torch.nn.Module, hold: str) -> torch.Tensor:
         return mask
     if hold not in PARTS:
         raise ValueError(f"unknown part {hold!r}; choose from {', '.join(PARTS)} or match:REGEX")
+    if hold == "unused-tokens":
+        raise ValueError("unused-tokens depends on the data: use used_vocab_nowcaster")
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if hold in ("token-embedding", "body") and emb is None:
         raise ValueError(f"--hold {hold} needs a model with get_input_embeddings() (the language-model tasks)")
@@ -96,14 +103,60 @@ class HeldNowcaster:
         return self.base.parameters()
 
 
+class UsedVocabNowcaster:
+    """``base`` on ``graph`` (the model at a smaller vocabulary) for the flat entries ``columns``;
+    every other entry keeps its newest state."""
+
+    needs_graph = False  # it brings its own graph; the wrapper need not compile the full one
+
+    def __init__(self, base: Any, graph: Any, columns: torch.Tensor) -> None:
+        self.base, self.graph, self.columns = base, graph, columns
+        self.ctx, self.max_horizon = base.ctx, getattr(base, "max_horizon", 40)
+
+    def predict(self, graph: Any, states: torch.Tensor, k: int) -> torch.Tensor:
+        pred = states[:, -1].clone()
+        pred[self.columns] = self.base.predict(self.graph, states[self.columns], k).to(pred.dtype)
+        return pred
+
+    def parameters(self):
+        return self.base.parameters()
+
+
+def used_vocab_nowcaster(task_name: str, base: Any) -> tuple[UsedVocabNowcaster, torch.Tensor]:
+    """(nowcaster, held mask) for ``unused-tokens``: ``base`` on the graph of the task's model at the
+    token ids its training split uses."""
+    import dataclasses
+
+    import neugraph
+    from nowcast.metatrain import vocab_columns
+    from nowcast.tasks import example_inputs, load_task_data
+
+    task = get_task(task_name)
+    vocab = task.arch.get("vocab") if task.kind != "vision" else None
+    if vocab is None:
+        raise ValueError(f"--hold unused-tokens needs a language-model task; {task_name} has no vocabulary")
+    rows = torch.unique(load_task_data(task).train_x).numpy()
+    small = dataclasses.replace(task, arch={**task.arch, "vocab": len(rows)})
+    model = build_model(small, seed=0)
+    graph = neugraph.compile(model, example_inputs(small), profile="nino")
+    full = [tuple(p.shape) for _, p in build_model(task, seed=0).named_parameters()]
+    columns = torch.as_tensor(vocab_columns(full, [tuple(p.shape) for _, p in model.named_parameters()], vocab, rows))
+    mask = torch.ones(sum(math.prod(s) for s in full), dtype=torch.bool)
+    mask[columns] = False
+    return UsedVocabNowcaster(base, graph, columns), mask
+
+
 def run(task_name: str, seed: int, hold: str, out: Path) -> dict:
     task = get_task(task_name)
-    mask = held_mask(build_model(task, seed), hold)
     # the constant-period schedule nowcasts at steps period-1, 2*period-1, ...: steps // period in all
     only = task.steps // task.period if hold == "final-nowcast" else None
-    held = HeldNowcaster(nowcast.load(SHIPPED_CHECKPOINT), mask, only_call=only)
+    if hold == "unused-tokens":
+        held, mask = used_vocab_nowcaster(task_name, nowcast.load(SHIPPED_CHECKPOINT))
+    else:
+        mask = held_mask(build_model(task, seed), hold)
+        held = HeldNowcaster(nowcast.load(SHIPPED_CHECKPOINT), mask, only_call=only)
     rec = run_training(task, seed, method=f"nino-ours-hold-{hold}", nowcaster=held, progress=False)
-    if only is not None and held.calls != only:
+    if only is not None and held.calls != only:  # type: ignore[union-attr]
         raise RuntimeError(f"expected {only} nowcasts, the run made {held.calls}")
     rec.update(hold=hold, held_values=int(mask.sum()), num_values=mask.numel(),
                command=f"python benchmarks/partial_nowcast.py --task {task_name} --seed {seed} --hold {hold}")

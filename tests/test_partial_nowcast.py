@@ -69,3 +69,43 @@ def test_embedding_parts_need_a_language_model(pn):
         pn.held_mask(build_model("fm16", 0), "body")
     with pytest.raises(ValueError, match="unknown part"):
         pn.held_mask(build_model("fm16", 0), "heads")
+
+
+def test_unused_tokens_runs_the_nowcaster_on_the_used_vocabulary(pn):
+    from nowcast.data import DataMissingError
+    from nowcast.tasks import load_task_data
+
+    try:
+        used = torch.unique(load_task_data("austen-3-24").train_x)
+    except DataMissingError as e:
+        pytest.skip(str(e))
+    seen = []
+
+    class Record(Shift):
+        def predict(self, graph, states, k):
+            seen.append((graph, states.clone()))
+            return super().predict(graph, states, k)
+
+    nc, mask = pn.used_vocab_nowcaster("austen-3-24", Record())
+    model = build_model("austen-3-24", 0)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    states = torch.stack([flat, flat + 0.5, flat + 1.0], 1)
+    pred = nc.predict(None, states, 2)
+    # held: exactly the token rows the train split never uses (the tied head is the same tensor)
+    wte = model.transformer.wte.weight
+    assert int(mask.sum()) == (256 - len(used)) * wte.shape[1] and len(used) < 256
+    off = 0
+    for p in model.parameters():  # wte comes first in the flat order
+        if p is wte:
+            break
+        off += p.numel()
+    rows_mask = mask[off: off + wte.numel()].view(wte.shape)
+    unused = torch.ones(256, dtype=torch.bool)
+    unused[used] = False
+    assert torch.equal(rows_mask, unused[:, None].expand_as(rows_mask))
+    assert torch.equal(pred[mask], states[mask, -1]) and torch.equal(pred[~mask], states[~mask, -1] + 1.0)
+    # the nowcaster saw the model at the used vocabulary: its graph and the picked states agree
+    graph, sub = seen[0]
+    assert graph.num_params == sub.shape[0] == int((~mask).sum())
+    with pytest.raises(ValueError, match="no vocabulary"):
+        pn.used_vocab_nowcaster("fm16", Shift())
