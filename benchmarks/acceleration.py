@@ -29,7 +29,9 @@ NiNo's k-decay from 40, so the first nowcast extrapolates 40 state spacings); ``
 ``nino-published`` (published ``nino_no_posw.pt``); ``nino-ours`` (the checkpoint shipped in the
 package); ``nino-ours-dynamic`` (the same with ``DynamicPeriod()``); ``nino-ours-guarded`` (the same
 with ``run_training(guard=1.0)``: a nowcast that raises its step's training loss is undone and AdamW
-takes that step instead, so a run whose every nowcast is undone is the AdamW run). The published
+takes that step instead, so a run whose every nowcast is undone is the AdamW run);
+``nino-ours-norms-held`` (the same with ``NiNo(hold="norms")``: the nowcast leaves LayerNorm/RMSNorm
+parameters where they are; the vision nets have none, so there it is ``nino-ours`` exactly). The published
 files are looked up in ``$NOWCAST_REFERENCE`` or ``../shared/reference/checkpoints`` beside the repository; a method
 whose checkpoint is missing is skipped and the skip is recorded.
 """
@@ -59,17 +61,20 @@ from nowcast.tasks import TASKS, get_task, load_task_data  # noqa: E402
 from nowcast.train import run_training  # noqa: E402
 
 METHODS = ["adamw", "no-change", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours",
-           "nino-ours-dynamic", "nino-ours-guarded"]
+           "nino-ours-dynamic", "nino-ours-guarded", "nino-ours-norms-held"]
 LABELS = {"adamw": "AdamW", "no-change": "No change (control)", "linefit": "Linefit", "linefit+": "Linefit+",
           "wnn+": "WNN+ (published)",
           "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, shipped)",
           "nino-ours-dynamic": "NiNo (ours, shipped) + dynamic period",
-          "nino-ours-guarded": "NiNo (ours, shipped) + loss guard"}
+          "nino-ours-guarded": "NiNo (ours, shipped) + loss guard",
+          "nino-ours-norms-held": "NiNo (ours, shipped) + norms held"}
 #: ``linefit-kK`` / ``linefit+-kK``: Linefit(+) under a k-decay from K instead of 40
 SHORT_LINEFIT = re.compile(r"^(linefit\+?)-k([1-9][0-9]*)$")
 #: ``run_training(guard=...)`` per method: a nowcast that raises that step's training loss is undone
 #: and AdamW takes the step
 GUARDS = {"nino-ours-guarded": 1.0}
+#: ``run_training(hold=...)`` per method (``NiNo(hold=)``)
+HOLDS = {"nino-ours-norms-held": "norms"}
 OUT = ROOT / "benchmarks" / "results" / "acceleration"
 
 
@@ -105,7 +110,7 @@ def method_file(name: str) -> Optional[Path]:
 
     ours = OURS or SHIPPED_CHECKPOINT
     files = {"wnn+": reference_dir() / "nino_mlp.pt", "nino-published": reference_dir() / "nino_no_posw.pt",
-             "nino-ours": ours, "nino-ours-dynamic": ours, "nino-ours-guarded": ours}
+             "nino-ours": ours, "nino-ours-dynamic": ours, "nino-ours-guarded": ours, "nino-ours-norms-held": ours}
     return files.get(name)
 
 
@@ -162,6 +167,8 @@ def stale(rec: dict, task: Any, method: str) -> Optional[str]:
         return "the method's checkpoint file changed"
     if rec["nowcasts"] + rec["nowcasts_rejected"] and (rec.get("max_k") or 40) != max_horizon(method):
         return f"k-decay from {rec.get('max_k') or 40}, the method now asks {max_horizon(method)}"
+    if rec.get("hold") != HOLDS.get(method):
+        return f"hold={rec.get('hold')!r}, the method now asks {HOLDS.get(method)!r}"
     return None
 
 
@@ -317,6 +324,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         LABELS["nino-ours"] = f"NiNo (ours, candidate {sha[:8]})"
         LABELS["nino-ours-dynamic"] = f"NiNo (ours, candidate {sha[:8]}) + dynamic period"
         LABELS["nino-ours-guarded"] = f"NiNo (ours, candidate {sha[:8]}) + loss guard"
+        LABELS["nino-ours-norms-held"] = f"NiNo (ours, candidate {sha[:8]}) + norms held"
     if args.threads:
         torch.set_num_threads(args.threads)
     out: Path = args.out
@@ -350,7 +358,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         continue
                     rec = run_training(task, seed, method=m, nowcaster=nc, steps=steps, eval_every=args.eval_every,
                                        data=data, period=period, progress=not args.no_progress,
-                                       guard=GUARDS.get(m), max_k=max_horizon(m))
+                                       guard=GUARDS.get(m), max_k=max_horizon(m), hold=HOLDS.get(m))
                     rec["machine"], rec["torch"] = meta["machine"], meta["torch"]
                     if checkpoint_sha256(m) != sha:  # replaced while it ran: the record would lie
                         print(f"not saved: {m}'s checkpoint file changed during the run", file=sys.stderr)

@@ -204,7 +204,7 @@ class ShardedNiNo(NiNo):
     @torch.no_grad()
     def _write_blocks(self, pred: Optional[torch.Tensor], dtype: torch.dtype) -> None:
         """Broadcast the prediction one tracked parameter at a time; each rank writes its shard."""
-        for i in self._tracked:
+        for i in self._written:  # the same list on every rank: the broadcasts pair up
             p, o = self._params[i], self._offsets[i]
             n = p.numel()
             dev = _comm_device(self.group, pred.device if pred is not None else self.nowcast_device)

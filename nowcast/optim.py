@@ -96,6 +96,42 @@ def _collect(model_or_params: Any) -> tuple[Optional[torch.nn.Module], Optional[
     return None, (names if all(n is not None for n in names) else None), params
 
 
+#: ``NiNo(hold=...)``: None, ``"norms"`` or a predicate on (name, parameter)
+HoldLike = Union[None, str, Callable[[str, torch.Tensor], bool]]
+_NORM_TYPES = tuple(t for t in (torch.nn.LayerNorm, torch.nn.GroupNorm, getattr(torch.nn, "RMSNorm", None),
+                                torch.nn.modules.batchnorm._NormBase) if t is not None)
+
+
+def is_norm_module(module: torch.nn.Module) -> bool:
+    """A normalisation layer: a torch norm class, or any module whose class name ends in ``Norm``
+    (``LlamaRMSNorm``, ``T5LayerNorm``, ...)."""
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
+
+
+def norm_parameters(module: torch.nn.Module) -> set[int]:
+    """ids of the parameters that normalisation layers own directly."""
+    return {id(p) for m in module.modules() if is_norm_module(m) for p in m.parameters(recurse=False)}
+
+
+def _held_indices(hold: HoldLike, module: Optional[torch.nn.Module], names: Optional[list[str]],
+                  params: list[torch.Tensor], tracked: list[int]) -> set[int]:
+    """Indices (into ``params``) of the tracked parameters ``hold`` selects."""
+    if hold is None:
+        return set()
+    if isinstance(hold, str):
+        if hold != "norms":
+            raise ValueError(f"hold={hold!r}: pass None, 'norms' or a callable (name, parameter) -> bool")
+        if module is None:
+            raise ValueError("hold='norms' needs the model to find its normalisation layers: pass NiNo(model, ...), "
+                             "or a callable hold=(name, parameter) -> bool with the parameters")
+        ids = norm_parameters(module)
+        return {i for i in tracked if id(params[i]) in ids}
+    if not callable(hold):
+        raise TypeError(f"hold must be None, 'norms' or a callable (name, parameter) -> bool, got "
+                        f"{type(hold).__name__}")
+    return {i for i in tracked if hold(names[i] if names and names[i] else "", params[i])}
+
+
 def _as_float(loss: Any) -> float:
     return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
@@ -128,6 +164,11 @@ class NiNo(torch.optim.Optimizer):
         spike_factor: with ``step(closure)``: reject a nowcast whose loss after exceeds
             ``before + (spike_factor - 1) * |before|`` (``spike_factor`` times the loss for
             positive losses). ``None``: only non-finite losses are rejected.
+        hold: parameters a nowcast leaves where they are (as the ``NoChange`` control would): None
+            (nowcast every parameter), ``"norms"`` (the parameters of normalisation layers: LayerNorm,
+            RMSNorm, GroupNorm, BatchNorm and any module whose class name ends in ``Norm``; needs
+            the model), or a callable ``(name, parameter) -> bool``. The nowcaster still predicts
+            them; the prediction is not written. ``held_names`` and ``num_held`` say what matched.
         on_reject: what a rejected nowcast's step does: ``"skip"`` (nothing) or ``"base"`` (the
             base optimizer's step: with ``step(closure)``, the closure is called once more on the
             restored parameters and must compute fresh gradients, as a standard closure does;
@@ -149,7 +190,7 @@ class NiNo(torch.optim.Optimizer):
                  history_dtype: Optional[torch.dtype] = None,
                  nowcast_device: Union[str, torch.device, None] = None,
                  spike_factor: Optional[float] = None, on_reject: str = "skip",
-                 graph_profile: str = "nino") -> None:
+                 graph_profile: str = "nino", hold: HoldLike = None) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, NiNo):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer (not NiNo), got "
                             f"{type(base_optimizer).__name__}")
@@ -174,6 +215,11 @@ class NiNo(torch.optim.Optimizer):
                 self._tracked_offsets[i] = tracked_offset
                 tracked_offset += p.numel()
         self.num_params, self.num_tracked = offset, tracked_offset
+        self._held = _held_indices(hold, module, self.param_names, self._params, self._tracked)
+        self.held_names = [self.param_names[i] if self.param_names and self.param_names[i] else f"parameter #{i}"
+                           for i in sorted(self._held)]
+        self.num_held = sum(self._params[i].numel() for i in self._held)
+        self._written = [i for i in self._tracked if i not in self._held]
 
         if spike_factor is not None and not (isinstance(spike_factor, (int, float)) and spike_factor >= 1):
             raise ValueError(f"spike_factor must be None or a number >= 1, got {spike_factor!r}")
@@ -444,7 +490,7 @@ class NiNo(torch.optim.Optimizer):
         """Why ``pred`` may not be written (NaN, inf, beyond the parameter dtype's range), or None."""
         nan = inf = over = 0
         first = None
-        for i in self._tracked:
+        for i in self._written:
             p, o = self._params[i], self._offsets[i]
             v = pred[o: o + p.numel()]
             n_nan, n_inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
@@ -471,7 +517,7 @@ class NiNo(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _write(self, pred: torch.Tensor) -> None:
-        for i in self._tracked:
+        for i in self._written:
             p, o = self._params[i], self._offsets[i]
             p.copy_(pred[o: o + p.numel()].reshape(p.shape))
 

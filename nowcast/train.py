@@ -57,7 +57,7 @@ def _logger(log: LogLike) -> Optional[Callable[[dict], None]]:
 def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowcaster: Any = None,
                  steps: Optional[int] = None, eval_every: Optional[int] = None, data: Optional[TaskData] = None,
                  period: Any = None, ctx: int = 5, progress: bool = True, log: LogLike = None,
-                 guard: Optional[float] = None, max_k: int = 40) -> dict:
+                 guard: Optional[float] = None, max_k: int = 40, hold: Optional[str] = None) -> dict:
     """Train ``build_model(task, seed)`` for ``steps`` steps and return a JSON-serialisable record.
 
     Args:
@@ -69,7 +69,8 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
             LinefitPlus); AdamW is then wrapped in :class:`nowcast.optim.NiNo` with ``period``
             (an int or a :class:`nowcast.schedule.DynamicPeriod`; default ``task.period``, 1000 for
             the paper's tasks), ``ctx``, ``total_steps=steps``
-            and the published k-decay from ``max_k`` (default 40) down to 1. A graph, if the nowcaster needs one, is compiled from
+            and the published k-decay from ``max_k`` (default 40) down to 1, and ``hold`` (``NiNo(hold=)``:
+            None or ``"norms"``). A graph, if the nowcaster needs one, is compiled from
             ``example_inputs(task)``.
         steps, eval_every: default the task's.
         data: the task's loaded data (loaded here when None; pass it to share one load across runs).
@@ -88,7 +89,7 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
     Returns a dict with ``task, seed, method, steps, eval_every, target_every, eval_steps, scores, train_loss``
     (mean training loss since the previous evaluation, None at step 0), ``steps_to_target, target,
     metric, final_score, wall_time_s`` (whole run), ``eval_time_s``, ``nowcasts``,
-    ``nowcasts_rejected``, ``nowcast_steps``, ``period`` and ``max_k``.
+    ``nowcasts_rejected``, ``nowcast_steps``, ``period``, ``max_k``, ``hold`` and ``held_values``.
     """
     task = get_task(task)
     steps = task.steps if steps is None else int(steps)
@@ -118,7 +119,7 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
 
             wrapper = NiNo(model, base, nowcaster, period=period, ctx=ctx, total_steps=steps,
                            example_inputs=example_inputs(task) if getattr(nowcaster, "needs_graph", True) else None,
-                           spike_factor=guard, on_reject="base", max_k=max_k)
+                           spike_factor=guard, on_reject="base", max_k=max_k, hold=hold)
             opt = wrapper
 
         eval_steps: list[int] = []
@@ -220,6 +221,8 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         "nowcast_steps": nowcast_steps, "period": _period_repr(period) if nowcaster is not None else None,
         "ctx": ctx if nowcaster is not None else None, "guard": guard if nowcaster is not None else None,
         "max_k": max_k if nowcaster is not None else None,
+        "hold": hold if nowcaster is not None else None,
+        "held_values": wrapper.num_held if wrapper is not None else None,
         "nowcast_log": nowcast_log, "lr": task.lr, "weight_decay": task.weight_decay,
         "batch_size": task.batch_size, "torch_threads": torch.get_num_threads(),
     }

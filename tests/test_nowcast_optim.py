@@ -498,3 +498,62 @@ def test_with_linefit_and_the_published_checkpoints():
                 assert torch.isfinite(flat(model)).all() and not torch.equal(flat(model), before)
         assert opt.state["nowcasts"] == 2, type(nc).__name__
         assert torch.isfinite(F.cross_entropy(model(x), y))
+
+
+# ---- hold: parameters a nowcast leaves where they are ------------------------------------------
+class Normed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.ln, self.fc2 = torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)
+        self.rms = type("MyRMSNorm", (torch.nn.Module,), {})()  # a norm known only by its class name
+        self.rms.weight = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.fc2(self.ln(self.fc1(x))) * self.rms.weight
+
+
+@pytest.mark.parametrize("hold", ["norms", lambda name, p: name.startswith(("ln.", "rms."))])
+def test_hold_leaves_the_held_parameters_at_their_value_before_the_nowcast(hold):
+    model = Normed()
+    opt = make(model, LineNowcaster(), period=10, hold=hold)
+    assert opt.held_names == ["ln.weight", "ln.bias", "rms.weight"] and opt.num_held == 8 + 8 + 3
+    train(model, opt, 0, 9)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, opt, 9, 10)  # the nowcast
+    assert opt.state["nowcasts"] == 1
+    graph_, states, k = opt.nowcaster.calls[-1]
+    pred = states[:, -1] + 0.1 * k * (states[:, -1] - states[:, 0]) / (states.shape[1] - 1)
+    off = 0
+    for n, p in model.named_parameters():
+        want = before[n] if n in opt.held_names else pred[off: off + p.numel()].view(p.shape)
+        assert torch.equal(p.detach(), want), n
+        assert n in opt.held_names or not torch.equal(p.detach(), before[n]), n
+        off += p.numel()
+
+
+def test_hold_norms_finds_the_norm_layers_of_real_models():
+    from nowcast.tasks import build_model
+
+    model = build_model("austen-3-24", 0)
+    plain = NiNo(model, torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100)
+    assert plain.num_held == 0 and plain.held_names == []  # hold=None
+    opt = NiNo(model, torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100, hold="norms")
+    assert {n.split(".")[-2] for n in opt.held_names} == {"ln_1", "ln_2", "ln_f"}
+    assert opt.num_held == (3 * 2 * 2 + 2) * 24
+    llama = build_model("austen-llama-3-64", 0)
+    opt = NiNo(llama, torch.optim.AdamW(llama.parameters()), LineNowcaster(), total_steps=100, hold="norms")
+    assert len(opt.held_names) == 3 * 2 + 1 and all("norm" in n for n in opt.held_names)
+    cnn = build_model("fm16", 0)  # the vision nets have no normalisation layer: hold="norms" is a no-op
+    assert NiNo(cnn, torch.optim.AdamW(cnn.parameters()), LineNowcaster(), total_steps=100, hold="norms").num_held == 0
+
+
+def test_hold_bad_arguments_say_what_to_do():
+    model = Normed()
+    with pytest.raises(ValueError, match="'norms' or a callable"):
+        make(model, LineNowcaster(), hold="biases")
+    with pytest.raises(ValueError, match="needs the model"):
+        NiNo(list(model.parameters()), torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100,
+             hold="norms")
+    with pytest.raises(TypeError, match="callable"):
+        make(model, LineNowcaster(), hold=3)

@@ -109,3 +109,26 @@ def test_unused_tokens_runs_the_nowcaster_on_the_used_vocabulary(pn):
     assert graph.num_params == sub.shape[0] == int((~mask).sum())
     with pytest.raises(ValueError, match="no vocabulary"):
         pn.used_vocab_nowcaster("fm16", Shift())
+
+
+def test_holding_norm_names_is_the_wrappers_hold_norms(pn):
+    """partial_nowcast's ``match:ln_`` runs and ``run_training(hold="norms")`` are the same computation."""
+    import nowcast
+    from nowcast.cli import SHIPPED_CHECKPOINT
+    from nowcast.data import DataMissingError
+    from nowcast.tasks import load_task_data
+    from nowcast.train import run_training
+
+    try:
+        data = load_task_data("austen-3-24")
+    except DataMissingError as e:
+        pytest.skip(str(e))
+    mask = pn.held_mask(build_model("austen-3-24", 0), "match:ln_")
+    kw = dict(steps=10, eval_every=10, data=data, period=5, progress=False)
+    held = pn.HeldNowcaster(nowcast.load(SHIPPED_CHECKPOINT), mask)
+    a = run_training("austen-3-24", 0, nowcaster=held, **kw)
+    b = run_training("austen-3-24", 0, nowcaster=nowcast.load(SHIPPED_CHECKPOINT), hold="norms", **kw)
+    c = run_training("austen-3-24", 0, nowcaster=nowcast.load(SHIPPED_CHECKPOINT), **kw)
+    assert a["nowcasts"] == b["nowcasts"] == 2 and b["held_values"] == int(mask.sum()) == (3 * 4 + 2) * 24
+    assert a["scores"] == b["scores"] and a["train_loss"] == b["train_loss"]
+    assert c["scores"][-1] != b["scores"][-1]  # holding them changes the run
