@@ -16,6 +16,8 @@ Parts (``--hold``):
 - ``final-nowcast``: every parameter, at the run's last nowcast only (with the constant period the
   last nowcast falls on the last step, horizon k=1, so the final score is read with no AdamW step
   after it); every earlier nowcast is the full prediction;
+- ``from-nowcast:N``: every parameter, at the run's N-th nowcast and every later one (1-based; on
+  austen-3-24-bpe the 8th is step 799, k=5), so the run stops nowcasting there;
 - ``match:REGEX``: every parameter whose ``named_parameters()`` name matches ``REGEX``
   (``re.search``), e.g. ``match:ln_f`` for the final LayerNorm of the GPT-2-style tasks;
 - ``unused-tokens``: the token rows the training split never uses (a language model only). Unlike
@@ -64,7 +66,11 @@ def held_mask(model: torch.nn.Module, hold: str) -> torch.Tensor:
             raise ValueError(f"--hold {hold}: no parameter name matches; names look like "
                              f"{', '.join(n for n, _ in list(model.named_parameters())[:3])}")
         return mask
-    if hold not in PARTS:
+    if hold.startswith("from-nowcast:"):
+        n = hold.split(":", 1)[1]
+        if not (n.isdigit() and int(n) >= 1):
+            raise ValueError(f"--hold {hold}: N must be a nowcast number >= 1, e.g. from-nowcast:8")
+    elif hold not in PARTS:
         raise ValueError(f"unknown part {hold!r}; choose from {', '.join(PARTS)} or match:REGEX")
     if hold == "unused-tokens":
         raise ValueError("unused-tokens depends on the data: use used_vocab_nowcaster")
@@ -75,7 +81,7 @@ def held_mask(model: torch.nn.Module, hold: str) -> torch.Tensor:
     for _, p in model.named_parameters():
         is_emb = emb is not None and p is emb.weight
         held = {"token-embedding": is_emb, "body": not is_emb, "vectors": p.dim() == 1,
-                "matrices": p.dim() >= 2, "final-nowcast": True}[hold]
+                "matrices": p.dim() >= 2, "final-nowcast": True, "from-nowcast": True}[hold.split(":")[0]]
         parts.append(torch.full((p.numel(),), held))
     return torch.cat(parts)
 
@@ -83,17 +89,20 @@ def held_mask(model: torch.nn.Module, hold: str) -> torch.Tensor:
 class HeldNowcaster:
     """``base``'s prediction with the entries under ``mask`` replaced by their newest state.
 
-    ``only_call`` (1-based) holds them at that nowcast of the run only; None holds them at every one.
+    ``only_call`` (1-based) holds them at that nowcast of the run only; ``from_call`` at that one and
+    every later one; None for both holds them at every one.
     """
 
-    def __init__(self, base: Any, mask: torch.Tensor, only_call: Optional[int] = None) -> None:
-        self.base, self.mask, self.only_call, self.calls = base, mask, only_call, 0
+    def __init__(self, base: Any, mask: torch.Tensor, only_call: Optional[int] = None,
+                 from_call: Optional[int] = None) -> None:
+        self.base, self.mask, self.only_call, self.from_call, self.calls = base, mask, only_call, from_call, 0
         self.needs_graph, self.ctx = base.needs_graph, base.ctx
         self.max_horizon = getattr(base, "max_horizon", 40)
 
     def predict(self, graph: Any, states: torch.Tensor, k: int) -> torch.Tensor:
         self.calls += 1
-        if self.only_call is not None and self.calls != self.only_call:
+        if (self.only_call is not None and self.calls != self.only_call) or (
+                self.from_call is not None and self.calls < self.from_call):
             return self.base.predict(graph, states, k)
         pred = self.base.predict(graph, states, k).clone()
         pred[self.mask] = states[self.mask, -1].to(pred.dtype)
@@ -154,7 +163,8 @@ def run(task_name: str, seed: int, hold: str, out: Path) -> dict:
         held, mask = used_vocab_nowcaster(task_name, nowcast.load(SHIPPED_CHECKPOINT))
     else:
         mask = held_mask(build_model(task, seed), hold)
-        held = HeldNowcaster(nowcast.load(SHIPPED_CHECKPOINT), mask, only_call=only)
+        start = int(hold.split(":")[1]) if hold.startswith("from-nowcast:") else None
+        held = HeldNowcaster(nowcast.load(SHIPPED_CHECKPOINT), mask, only_call=only, from_call=start)
     rec = run_training(task, seed, method=f"nino-ours-hold-{hold}", nowcaster=held, progress=False)
     if only is not None and held.calls != only:  # type: ignore[union-attr]
         raise RuntimeError(f"expected {only} nowcasts, the run made {held.calls}")

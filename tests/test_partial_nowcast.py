@@ -132,3 +132,14 @@ def test_holding_norm_names_is_the_wrappers_hold_norms(pn):
     assert a["nowcasts"] == b["nowcasts"] == 2 and b["held_values"] == int(mask.sum()) == (3 * 4 + 2) * 24
     assert a["scores"] == b["scores"] and a["train_loss"] == b["train_loss"]
     assert c["scores"][-1] != b["scores"][-1]  # holding them changes the run
+
+
+def test_from_nowcast_holds_everything_from_that_call_on(pn):
+    mask = pn.held_mask(build_model("fm16", 0), "from-nowcast:2")
+    assert bool(mask.all())
+    held = pn.HeldNowcaster(Shift(), torch.ones(4, dtype=torch.bool), from_call=2)
+    states = torch.arange(12, dtype=torch.float32).view(4, 3)
+    preds = [held.predict(None, states, k).tolist() for k in (5, 3, 1)]
+    assert preds[0] == [3.0, 6.0, 9.0, 12.0] and preds[1] == preds[2] == [2.0, 5.0, 8.0, 11.0]
+    with pytest.raises(ValueError, match="nowcast number"):
+        pn.held_mask(build_model("fm16", 0), "from-nowcast:x")
