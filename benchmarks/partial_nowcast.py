@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hold", required=True, help=f"comma-separated parts: {', '.join(PARTS)}, from-nowcast:N, match:REGEX")
+    ap.add_argument("--hold", required=True,
+                    help=f"comma-separated parts: {', '.join(PARTS)}, from-nowcast:N, match:REGEX")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the benchmark)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
