@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -134,23 +133,15 @@ class UsedVocabNowcaster:
 def used_vocab_nowcaster(task_name: str, base: Any) -> tuple[UsedVocabNowcaster, torch.Tensor]:
     """(nowcaster, held mask) for ``unused-tokens``: ``base`` on the graph of the task's model at the
     token ids its training split uses."""
-    import dataclasses
-
-    import neugraph
-    from nowcast.metatrain import vocab_columns
-    from nowcast.tasks import example_inputs, load_task_data
+    from nowcast.metatrain import compile_at_rows
+    from nowcast.tasks import load_task_data
 
     task = get_task(task_name)
-    vocab = task.arch.get("vocab") if task.kind != "vision" else None
-    if vocab is None:
+    if task.kind == "vision" or task.arch.get("vocab") is None:
         raise ValueError(f"--hold unused-tokens needs a language-model task; {task_name} has no vocabulary")
-    rows = torch.unique(load_task_data(task).train_x).numpy()
-    small = dataclasses.replace(task, arch={**task.arch, "vocab": len(rows)})
-    model = build_model(small, seed=0)
-    graph = neugraph.compile(model, example_inputs(small), profile="nino")
-    full = [tuple(p.shape) for _, p in build_model(task, seed=0).named_parameters()]
-    columns = torch.as_tensor(vocab_columns(full, [tuple(p.shape) for _, p in model.named_parameters()], vocab, rows))
-    mask = torch.ones(sum(math.prod(s) for s in full), dtype=torch.bool)
+    graph, _ir, columns = compile_at_rows(task_name, torch.unique(load_task_data(task).train_x).numpy())
+    columns = torch.as_tensor(columns)
+    mask = torch.ones(sum(p.numel() for p in build_model(task, seed=0).parameters()), dtype=torch.bool)
     mask[columns] = False
     return UsedVocabNowcaster(base, graph, columns), mask
 

@@ -979,15 +979,27 @@ def compile_sampled_task(name: str, n: int, seed: int, lpe: int = 8):
     on a CPU; at a sampled vocabulary of 1,024 it has 49,849 edges (byte-level austen-3-24: 32,249).
     The GNN aggregates messages by their mean, so the hidden neurons see a fair sample of rows.
     """
-    import neugraph
-
     from . import tasks as registry
 
     task = registry.get_task(name)
     vocab = task.arch.get("vocab") if task.kind != "vision" else None
     if vocab is None or vocab <= n:
         return None
-    small = dataclasses.replace(task, arch={**task.arch, "vocab": n})
+    return compile_at_rows(name, vocab_rows(vocab, n, seed), lpe=lpe)
+
+
+def compile_at_rows(name: str, rows: np.ndarray, lpe: int = 8):
+    """(graph, ir, columns) of a registered language model's task at the token ids ``rows``: the same
+    architecture with ``len(rows)`` token rows, and the entries of a full flat state that form its state."""
+    import neugraph
+
+    from . import tasks as registry
+
+    task = registry.get_task(name)
+    vocab = task.arch.get("vocab") if task.kind != "vision" else None
+    if vocab is None:
+        raise MetaTrainError(f"task {name} has no token vocabulary")
+    small = dataclasses.replace(task, arch={**task.arch, "vocab": len(rows)})
     model = registry.build_model(small, seed=0)
     ir = neugraph.trace(model, registry.example_inputs(small))
     graph = neugraph.compile(ir, profile="nino", lpe=lpe)
@@ -996,7 +1008,7 @@ def compile_sampled_task(name: str, n: int, seed: int, lpe: int = 8):
     if graph.param_names != [nm for nm, _ in model.named_parameters()]:
         raise MetaTrainError(f"task {name}: graph.param_names differ from named_parameters(); the compiler and the "
                              "collector would disagree on the flat order")
-    return graph, ir, vocab_columns(full, sampled, vocab, vocab_rows(vocab, n, seed))
+    return graph, ir, vocab_columns(full, sampled, vocab, rows)
 
 
 def _periods(text: str) -> int | list[int]:
