@@ -161,6 +161,9 @@ def _sha256(path: Path) -> str:
 
 def stale(rec: dict, task: Any, method: str) -> Optional[str]:
     """Why a cached run no longer measures the current method and protocol (None: still valid)."""
+    for key in ("lr", "weight_decay", "batch_size", "target"):
+        if key in rec and rec[key] != getattr(task, key):
+            return f"{key} {rec[key]!r}, the task now has {getattr(task, key)!r}"
     if rec.get("target_every", 0) != (task.target_every if 0 < task.target_every < rec["eval_every"] else 0):
         return f"target checked every {rec.get('target_every', 0)} steps, the task now asks {task.target_every}"
     if rec.get("checkpoint_sha256") != checkpoint_sha256(method):

@@ -49,6 +49,20 @@ def test_medians_bounds_and_stale_runs(acc, tmp_path):
     assert "Not counted (1 cached runs" in table  # ... and the table says so
 
 
+def test_runs_of_an_older_task_setting_are_stale(acc, tmp_path):
+    """A task whose learning rate or target was re-tuned invalidates the runs made before."""
+    t = acc.get_task("pydocs-3-24")
+    recs = [record(acc, "pydocs-3-24", "adamw", 0, None, 6.7, lr=t.lr, target=t.target),
+            record(acc, "pydocs-3-24", "adamw", 1, None, 6.8, lr=t.lr / 2, target=t.target),
+            record(acc, "pydocs-3-24", "adamw", 2, None, 6.9, lr=t.lr, target=t.target + 1)]
+    write(tmp_path, acc, recs)
+    summary = acc.summarise(tmp_path)
+    assert summary["rows"][0]["seeds"] == [0]
+    why = sorted(summary["stale_runs"])
+    assert len(why) == 2 and "s1__" in why[0] and "lr 0.004, the task now has 0.008" in why[0]
+    assert "s2__" in why[1] and "target 7.8" in why[1]
+
+
 def test_reduction_against_a_reached_median(acc, tmp_path):
     recs = [record(acc, "fm16", "adamw", s, x, 89.6) for s, x in [(0, 9000), (1, 8000), (2, None)]]
     recs += [record(acc, "fm16", "linefit+", s, x, 89.7) for s, x in [(0, 4000), (1, 6000), (2, 5000)]]
