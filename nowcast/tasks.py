@@ -144,7 +144,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     # GPT-2 BPE: the 50,257 x 24 embedding is 98% of the parameters and its logits dominate the step
     # time, so the batch is 8 windows of 64 tokens (~256 bytes each) and the budget 1000 steps
     _lm("austen-3-24-bpe", "austen", "gpt2", 3, 24, 3, tokenizer="gpt2", lr=4e-3, steps=1000, period=100,
-        target=240.0, note=f"{_RULE}: 240 at 90% of the budget (final 218.8); lr 4e-3, best of 2e-3/4e-3/8e-3 (250.6 / 218.8 / 226.2)",
+        target=240.0, note=f"{_RULE}: 240 at 90% of the budget (final 218.8); lr 4e-3, best of "
+                           "2e-3/4e-3/8e-3 (250.6 / 218.8 / 226.2)",
         batch_size=8, context=64, eval_every=50),
 ]}
 
