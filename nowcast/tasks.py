@@ -123,7 +123,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
                                            "step 7,750"),
     _vision("mnist32", "mnist", 32, 98.8, f"{_RULE}: best of the last 10% 98.88% (final), first reached at "
                                            "step 7,750"),
-    # GPT-2 style byte-level LMs on Jane Austen (the meta-training corpus); lr tuned per task on seed 0 (docs/tasks.md)
+    # GPT-2 style byte-level LMs on Jane Austen (the meta-training corpus); lr per task, seed-0 grids
     _lm("austen-2-32", "austen", "gpt2", 2, 32, 4, lr=4e-3, steps=4000, period=400, target=5.15,
         note=f"{_RULE}: 5.15 at 90% of the budget (final 5.113); lr 4e-3, best of 2e-3/4e-3/8e-3 "
              "(5.363 / 5.113 / 5.185)"),
