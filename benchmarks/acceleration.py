@@ -31,7 +31,9 @@ package); ``nino-ours-dynamic`` (the same with ``DynamicPeriod()``); ``nino-ours
 with ``run_training(guard=1.0)``: a nowcast that raises its step's training loss is undone and AdamW
 takes that step instead, so a run whose every nowcast is undone is the AdamW run);
 ``nino-ours-norms-held`` (the same with ``NiNo(hold="norms")``: the nowcast leaves LayerNorm/RMSNorm
-parameters where they are; the vision nets have none, so there it is ``nino-ours`` exactly). The published
+parameters where they are; the vision nets have none, so there it is ``nino-ours`` exactly);
+``nino-ours-skip-k1`` (the same with ``NiNo(min_k=2)``: the k-decay's last nowcast, ``k=1`` at the
+run's final step, is skipped and AdamW takes that step; everything before it is ``nino-ours``). The published
 files are looked up in ``$NOWCAST_REFERENCE`` or ``../shared/reference/checkpoints`` beside the repository; a method
 whose checkpoint is missing is skipped and the skip is recorded.
 """
@@ -61,13 +63,14 @@ from nowcast.tasks import TASKS, get_task, load_task_data  # noqa: E402
 from nowcast.train import run_training  # noqa: E402
 
 METHODS = ["adamw", "no-change", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours",
-           "nino-ours-dynamic", "nino-ours-guarded", "nino-ours-norms-held"]
+           "nino-ours-dynamic", "nino-ours-guarded", "nino-ours-norms-held", "nino-ours-skip-k1"]
 LABELS = {"adamw": "AdamW", "no-change": "No change (control)", "linefit": "Linefit", "linefit+": "Linefit+",
           "wnn+": "WNN+ (published)",
           "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, shipped)",
           "nino-ours-dynamic": "NiNo (ours, shipped) + dynamic period",
           "nino-ours-guarded": "NiNo (ours, shipped) + loss guard",
-          "nino-ours-norms-held": "NiNo (ours, shipped) + norms held"}
+          "nino-ours-norms-held": "NiNo (ours, shipped) + norms held",
+          "nino-ours-skip-k1": "NiNo (ours, shipped), k=1 nowcast skipped"}
 #: ``linefit-kK`` / ``linefit+-kK``: Linefit(+) under a k-decay from K instead of 40
 SHORT_LINEFIT = re.compile(r"^(linefit\+?)-k([1-9][0-9]*)$")
 #: ``run_training(guard=...)`` per method: a nowcast that raises that step's training loss is undone
@@ -75,6 +78,8 @@ SHORT_LINEFIT = re.compile(r"^(linefit\+?)-k([1-9][0-9]*)$")
 GUARDS = {"nino-ours-guarded": 1.0}
 #: ``run_training(hold=...)`` per method (``NiNo(hold=)``)
 HOLDS = {"nino-ours-norms-held": "norms"}
+#: ``run_training(min_k=...)`` per method (``NiNo(min_k=)``): nowcasts with a smaller horizon are skipped
+MIN_KS = {"nino-ours-skip-k1": 2}
 OUT = ROOT / "benchmarks" / "results" / "acceleration"
 
 
@@ -110,7 +115,8 @@ def method_file(name: str) -> Optional[Path]:
 
     ours = OURS or SHIPPED_CHECKPOINT
     files = {"wnn+": reference_dir() / "nino_mlp.pt", "nino-published": reference_dir() / "nino_no_posw.pt",
-             "nino-ours": ours, "nino-ours-dynamic": ours, "nino-ours-guarded": ours, "nino-ours-norms-held": ours}
+             "nino-ours": ours, "nino-ours-dynamic": ours, "nino-ours-guarded": ours, "nino-ours-norms-held": ours,
+             "nino-ours-skip-k1": ours}
     return files.get(name)
 
 
@@ -172,6 +178,8 @@ def stale(rec: dict, task: Any, method: str) -> Optional[str]:
         return f"k-decay from {rec.get('max_k') or 40}, the method now asks {max_horizon(method)}"
     if rec.get("hold") != HOLDS.get(method):
         return f"hold={rec.get('hold')!r}, the method now asks {HOLDS.get(method)!r}"
+    if (rec.get("min_k") or 1) != MIN_KS.get(method, 1) and rec["nowcasts"] + rec["nowcasts_rejected"]:
+        return f"min_k={rec.get('min_k') or 1}, the method now asks {MIN_KS.get(method, 1)}"
     return None
 
 
@@ -303,6 +311,35 @@ def _plots(out: Path) -> None:
         plt.close(fig)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict:
+    """What a run's floating-point result depends on besides the code: the nowcasters' scores are
+    chaotic in rounding (README, "Replicas"), so the same command on another CPU or library build
+    can give another step count."""
+    import importlib.metadata as md
+
+    from nowcast.scatter import get_backend
+
+    def version(pkg: str) -> Optional[str]:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus", "cpu": cpu_model(),
+            "torch": torch.__version__, "transformers": version("transformers"), "scatter": get_backend()}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="fm16", help=f"comma-separated tasks from {', '.join(TASKS)}")
@@ -328,6 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         LABELS["nino-ours-dynamic"] = f"NiNo (ours, candidate {sha[:8]}) + dynamic period"
         LABELS["nino-ours-guarded"] = f"NiNo (ours, candidate {sha[:8]}) + loss guard"
         LABELS["nino-ours-norms-held"] = f"NiNo (ours, candidate {sha[:8]}) + norms held"
+        LABELS["nino-ours-skip-k1"] = f"NiNo (ours, candidate {sha[:8]}), k=1 nowcast skipped"
     if args.threads:
         torch.set_num_threads(args.threads)
     out: Path = args.out
@@ -361,8 +399,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         continue
                     rec = run_training(task, seed, method=m, nowcaster=nc, steps=steps, eval_every=args.eval_every,
                                        data=data, period=period, progress=not args.no_progress,
-                                       guard=GUARDS.get(m), max_k=max_horizon(m), hold=HOLDS.get(m))
-                    rec["machine"], rec["torch"] = meta["machine"], meta["torch"]
+                                       guard=GUARDS.get(m), max_k=max_horizon(m), hold=HOLDS.get(m),
+                                       min_k=MIN_KS.get(m, 1))
+                    rec.update(environment())
                     if checkpoint_sha256(m) != sha:  # replaced while it ran: the record would lie
                         print(f"not saved: {m}'s checkpoint file changed during the run", file=sys.stderr)
                         continue

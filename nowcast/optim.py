@@ -169,6 +169,11 @@ class NiNo(torch.optim.Optimizer):
             RMSNorm, GroupNorm, BatchNorm and any module whose class name ends in ``Norm``; needs
             the model), or a callable ``(name, parameter) -> bool``. The nowcaster still predicts
             them; the prediction is not written. ``held_names`` and ``num_held`` say what matched.
+        min_k: skip a nowcast whose horizon ``k`` is below this (the base optimizer takes that step;
+            the cycle ends as usual). A nowcast *replaces* one base step, so one at ``k=1`` can save
+            no step and only risks a worse state, and the published k-decay ends with exactly such
+            a nowcast at the last step of the run. 1 (default): every nowcast runs, as published;
+            2 skips only the ``k=1`` ones. Skips are counted in ``state["nowcasts_skipped"]``.
         on_reject: what a rejected nowcast's step does: ``"skip"`` (nothing) or ``"base"`` (the
             base optimizer's step: with ``step(closure)``, the closure is called once more on the
             restored parameters and must compute fresh gradients, as a standard closure does;
@@ -190,7 +195,7 @@ class NiNo(torch.optim.Optimizer):
                  history_dtype: Optional[torch.dtype] = None,
                  nowcast_device: Union[str, torch.device, None] = None,
                  spike_factor: Optional[float] = None, on_reject: str = "skip",
-                 graph_profile: str = "nino", hold: HoldLike = None) -> None:
+                 graph_profile: str = "nino", hold: HoldLike = None, min_k: int = 1) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, NiNo):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer (not NiNo), got "
                             f"{type(base_optimizer).__name__}")
@@ -228,6 +233,9 @@ class NiNo(torch.optim.Optimizer):
             raise ValueError(f"on_reject must be 'skip' (a rejected nowcast's step changes nothing) or 'base' "
                              f"(the base optimizer takes that step), got {on_reject!r}")
         self.on_reject = on_reject
+        if isinstance(min_k, bool) or not isinstance(min_k, int) or min_k < 1:
+            raise ValueError(f"min_k must be an int >= 1 (1 runs every nowcast; 2 skips the k=1 ones), got {min_k!r}")
+        self.min_k = min_k
         self.nowcaster = nowcaster
         self.ctx = ctx
         self.schedule: Optional[NowcastSchedule] = None
@@ -256,7 +264,8 @@ class NiNo(torch.optim.Optimizer):
         self.nowcast_device = torch.device(nowcast_device) if nowcast_device is not None else torch.device("cpu")
         self._length_cache: tuple[int, int, int] = (-1, -1, 0)
         self.state: dict[str, Any] = {"step": 0, "cycle": 0, "cycle_start": 0, "history": [],
-                                      "nowcasts": 0, "nowcasts_rejected": 0, "last_nowcast": None}
+                                      "nowcasts": 0, "nowcasts_rejected": 0, "nowcasts_skipped": 0,
+                                      "last_nowcast": None}
 
     #: whether this instance records the history (False on the receiving ranks of
     #: ``DistributedNiNo(sync="broadcast")``, which never predict)
@@ -374,10 +383,16 @@ class NiNo(torch.optim.Optimizer):
             return None
         return self.state["cycle_start"] + self._cycle_length() - 1
 
+    def _skips(self, cycle: int, step: int) -> bool:
+        """Whether the nowcast that ends ``cycle`` (at ``step``) falls below ``min_k``."""
+        assert self.schedule is not None
+        return self.min_k > 1 and self.schedule.k(cycle, step) < self.min_k
+
     @property
     def need_grads(self) -> bool:
         """False when the next ``step()`` is a nowcast: the loop may skip the backward pass."""
-        return self.next_nowcast_step != self.state["step"]
+        st = self.state
+        return self.next_nowcast_step != st["step"] or self._skips(st["cycle"], st["step"])
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self, closure: Optional[Closure] = None) -> Any:  # type: ignore[override]
@@ -394,7 +409,10 @@ class NiNo(torch.optim.Optimizer):
         interval = length // self.ctx
         if q < length and q % interval == 0:
             self._record(q // interval)
-        if q >= length:
+        if q >= length and self._skips(st["cycle"], st["step"]):
+            loss = self.base_optimizer.step(closure)
+            self._skip()
+        elif q >= length:
             loss = self._nowcast(closure)
             last = st["last_nowcast"]
             if self.on_reject == "base" and not last["accepted"]:
@@ -527,6 +545,18 @@ class NiNo(torch.optim.Optimizer):
         for i, b in zip(self._tracked, backup):
             self._params[i].copy_(b)
 
+    def _skip(self) -> None:
+        """End the cycle without a nowcast (``k < min_k``): the base optimizer took the step."""
+        st = self.state
+        s, k = st["step"], self.schedule.k(st["cycle"], st["step"])  # type: ignore[union-attr]
+        st["history"] = []
+        st["cycle"] += 1
+        st["cycle_start"] = s + 1
+        st["nowcasts_skipped"] += 1
+        st["last_nowcast"] = {"step": s, "k": k, "accepted": False, "skipped": True, "base_step": True,
+                              "reason": f"k={k} < min_k={self.min_k}: skipped, the base optimizer took the step",
+                              "loss_before": None, "loss_after": None}
+
     def _finish(self, s: int, k: int, reason: Optional[str], before: Any = None, after: Any = None) -> None:
         st = self.state
         st["history"] = []
@@ -555,7 +585,7 @@ class NiNo(torch.optim.Optimizer):
         nino = {"version": 1, "num_params": self.num_params, "num_tracked": self.num_tracked, "ctx": self.ctx,
                 "step": st["step"], "cycle": st["cycle"], "cycle_start": st["cycle_start"],
                 "history": list(st["history"]), "nowcasts": st["nowcasts"],
-                "nowcasts_rejected": st["nowcasts_rejected"],
+                "nowcasts_rejected": st["nowcasts_rejected"], "nowcasts_skipped": st["nowcasts_skipped"],
                 "last_nowcast": dict(st["last_nowcast"]) if st["last_nowcast"] else None}
         out = {"state": base["state"], "param_groups": base["param_groups"], "nino": nino}
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -586,6 +616,7 @@ class NiNo(torch.optim.Optimizer):
             "step": int(nino["step"]), "cycle": int(nino["cycle"]), "cycle_start": int(nino["cycle_start"]),
             "history": [h.to(device=self.history_device, dtype=self.history_dtype) for h in nino["history"]],
             "nowcasts": int(nino["nowcasts"]), "nowcasts_rejected": int(nino["nowcasts_rejected"]),
+            "nowcasts_skipped": int(nino.get("nowcasts_skipped", 0)),
             "last_nowcast": dict(nino["last_nowcast"]) if nino["last_nowcast"] else None})
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

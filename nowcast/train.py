@@ -57,7 +57,8 @@ def _logger(log: LogLike) -> Optional[Callable[[dict], None]]:
 def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowcaster: Any = None,
                  steps: Optional[int] = None, eval_every: Optional[int] = None, data: Optional[TaskData] = None,
                  period: Any = None, ctx: int = 5, progress: bool = True, log: LogLike = None,
-                 guard: Optional[float] = None, max_k: int = 40, hold: Optional[str] = None) -> dict:
+                 guard: Optional[float] = None, max_k: int = 40, hold: Optional[str] = None,
+                 permute: Optional[int] = None, min_k: int = 1) -> dict:
     """Train ``build_model(task, seed)`` for ``steps`` steps and return a JSON-serialisable record.
 
     Args:
@@ -81,6 +82,15 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
             gradients), and a nowcast whose training loss exceeds ``guard`` times the loss before
             it is undone and AdamW takes that step instead, on the same batch; a run whose every
             nowcast is undone is the AdamW run exactly. ``1.0`` rejects any increase. None: no check.
+        min_k: ``NiNo(min_k=)``: nowcasts whose horizon is below it are skipped and AdamW takes the
+            step (2 drops the published decay's final ``k=1`` nowcast, at the run's last step).
+        permute: None, or a seed: start from the initial weights moved by a random element of the
+            model's inferred neuron permutation group (``neugraph.trace(...).sample_symmetry`` drawn
+            from a generator seeded with ``permute``). The network computes the same function, and
+            AdamW and the nowcaster's graph are permutation-equivariant, so in exact arithmetic the run
+            is the unpermuted one with its neurons relabelled: the same scores. In floating point the
+            sums run in another order, so the run is a *replica* whose difference from the original
+            measures how sensitive the result is to rounding (``benchmarks/replicas.py``).
 
     Until the target is first reached, the target is also checked every ``task.target_every`` steps
     (:func:`~nowcast.tasks.target_check`); a check that reaches it is recorded as an evaluation, so
@@ -111,6 +121,8 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # nothing in the loop draws from it today; pins anything that might
         model = build_model(task, seed)
+        if permute is not None:
+            permute_model(model, task, permute)
         base = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=task.weight_decay)
         opt: torch.optim.Optimizer = base
         wrapper = None
@@ -119,7 +131,7 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
 
             wrapper = NiNo(model, base, nowcaster, period=period, ctx=ctx, total_steps=steps,
                            example_inputs=example_inputs(task) if getattr(nowcaster, "needs_graph", True) else None,
-                           spike_factor=guard, on_reject="base", max_k=max_k, hold=hold)
+                           spike_factor=guard, on_reject="base", max_k=max_k, hold=hold, min_k=min_k)
             opt = wrapper
 
         eval_steps: list[int] = []
@@ -218,14 +230,30 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         "train_loss": train_loss, "steps_to_target": steps_to_target(task, eval_steps, scores),
         "final_score": scores[-1], "wall_time_s": round(wall, 3), "eval_time_s": round(eval_time, 3),
         "nowcasts": int(st.get("nowcasts", 0)), "nowcasts_rejected": int(st.get("nowcasts_rejected", 0)),
+        "nowcasts_skipped": int(st.get("nowcasts_skipped", 0)), "min_k": min_k if nowcaster is not None else None,
         "nowcast_steps": nowcast_steps, "period": _period_repr(period) if nowcaster is not None else None,
         "ctx": ctx if nowcaster is not None else None, "guard": guard if nowcaster is not None else None,
         "max_k": max_k if nowcaster is not None else None,
-        "hold": hold if nowcaster is not None else None,
+        "hold": hold if nowcaster is not None else None, "permute": permute,
         "held_values": wrapper.num_held if wrapper is not None else None,
         "nowcast_log": nowcast_log, "lr": task.lr, "weight_decay": task.weight_decay,
         "batch_size": task.batch_size, "torch_threads": torch.get_num_threads(),
     }
+
+
+@torch.no_grad()
+def permute_model(model: torch.nn.Module, task: Union[str, Task], seed: int) -> None:
+    """Move ``model``'s parameters and buffers, in place, by a random element of its inferred
+    permutation group (drawn from a generator seeded with ``seed``); the function is unchanged."""
+    import neugraph
+
+    ir = neugraph.trace(model, example_inputs(task))
+    perm = ir.sample_symmetry(torch.Generator().manual_seed(int(seed)))
+    moved = perm.apply(model.state_dict())
+    state = model.state_dict()  # shared storage: copying into it writes the module's tensors
+    for name, value in moved.items():
+        if value is not state[name]:
+            state[name].copy_(value)
 
 
 def _period_repr(period: Any) -> Any:

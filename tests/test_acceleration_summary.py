@@ -108,3 +108,13 @@ def test_short_horizon_linefit_methods(acc, tmp_path):
     assert [r["method"] for r in summary["rows"]] == ["adamw", "linefit", "linefit-k3", "linefit+-k2"]
     assert len(summary["stale_runs"]) == 1 and "k-decay from 40, the method now asks 5" in summary["stale_runs"][0]
     assert {r["method"]: r["label"] for r in summary["rows"]}["linefit+-k2"] == "Linefit+ (k from 2)"
+
+
+def test_run_records_name_the_cpu_and_the_libraries_they_ran_on(acc):
+    from nowcast.scatter import get_backend
+
+    env = acc.environment()
+    assert set(env) == {"machine", "cpu", "torch", "transformers", "scatter"}
+    assert env["cpu"] and env["cpu"] != "unknown" or not Path("/proc/cpuinfo").exists()
+    assert env["scatter"] == get_backend() and env["torch"] == acc.torch.__version__
+    json.dumps(env)

@@ -557,3 +557,38 @@ def test_hold_bad_arguments_say_what_to_do():
              hold="norms")
     with pytest.raises(TypeError, match="callable"):
         make(model, LineNowcaster(), hold=3)
+
+
+# ---- min_k: nowcasts too short to save a step are skipped ----------------------------------------
+def test_min_k_skips_the_final_k1_nowcast_and_takes_the_base_step_there():
+    assert k_decay(100, 20)[-1] == 1
+    skipping, ref = mlp(), mlp()
+    nc = LineNowcaster()
+    opt = make(skipping, nc, min_k=2)
+    need = []
+    for s in range(100):
+        need.append(opt.need_grads)
+        train(skipping, opt, s, s + 1)
+    assert [s for s, n in enumerate(need) if not n] == [19, 39, 59, 79], "no nowcast (no grads skipped) at 99"
+    assert [c[2] for c in nc.calls] == k_decay(100, 20)[:-1]
+    assert (opt.state["nowcasts"], opt.state["nowcasts_skipped"], opt.state["nowcasts_rejected"]) == (4, 1, 0)
+    last = opt.state["last_nowcast"]
+    assert last["step"] == 99 and last["k"] == 1 and last["skipped"] and last["base_step"]
+    assert opt.state["history"] == [] and opt.state["cycle"] == 5
+
+    every = make(ref, LineNowcaster())  # min_k=1: the published schedule, k=1 at step 99
+    train(ref, every, 0, 99)
+    every.base_optimizer.zero_grad()
+    loss_at(ref, 99).backward()
+    every.base_optimizer.step()  # what min_k=2 does at step 99
+    assert torch.equal(flat(skipping), flat(ref))
+
+    restored = make(mlp(), LineNowcaster(), min_k=2)
+    restored.load_state_dict(opt.state_dict())
+    assert restored.state["nowcasts_skipped"] == 1
+
+
+@pytest.mark.parametrize("min_k", [0, 1.5, True])
+def test_min_k_must_be_a_positive_int(min_k):
+    with pytest.raises(ValueError, match="min_k must be an int >= 1"):
+        make(mlp(), LineNowcaster(), min_k=min_k)

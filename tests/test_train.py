@@ -86,6 +86,17 @@ def test_linefit_nowcasts_on_schedule_and_batches_stay_aligned_by_step(monkeypat
     assert nino["scores"][0] == base["scores"][0]  # the same initial model
 
 
+def test_min_k_2_drops_only_the_last_k1_nowcast_and_the_run_is_identical_before_it():
+    data = _tiny_data()
+    every = run_training(TINY, 0, nowcaster=Linefit(), period=10, ctx=5, data=data, progress=False)
+    skip = run_training(TINY, 0, nowcaster=Linefit(), period=10, ctx=5, data=data, progress=False, min_k=2)
+    assert [e["k"] for e in every["nowcast_log"]] == [40, 13, 1]  # the k-decay over 3 cycles
+    assert skip["nowcast_steps"] == [9, 19] and skip["nowcasts"] == 2 and skip["nowcasts_skipped"] == 1
+    assert skip["min_k"] == 2 and every["min_k"] == 1 and every["nowcasts_skipped"] == 0
+    assert skip["scores"][:-1] == every["scores"][:-1], "only the last step differs"
+    json.dumps(skip)
+
+
 def test_run_training_accepts_a_dynamic_period():
     from nowcast.schedule import DynamicPeriod
 
@@ -209,3 +220,33 @@ def test_no_change_nowcaster_is_adamw_with_the_nowcast_steps_skipped():
         loss_fn(TINY, model, x, y).backward()
         opt.step()
     assert evaluate(TINY, model, data) == r["final_score"]
+
+
+def test_a_permuted_replica_computes_the_same_function_from_other_weights():
+    from nowcast.tasks import build_model
+    from nowcast.train import permute_model
+
+    x = _tiny_data().val_x[:8]
+    a, b, c = build_model(TINY, 0), build_model(TINY, 0), build_model(TINY, 0)
+    permute_model(b, TINY, 1)
+    permute_model(c, TINY, 2)
+    moved = [n for (n, p), q in zip(a.named_parameters(), b.parameters()) if not torch.equal(p, q)]
+    assert moved, "a group element drawn at random should move the hidden channels"
+    assert any(not torch.equal(p, q) for p, q in zip(b.parameters(), c.parameters()))
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+        # a multiset of values per tensor is kept: only positions move
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p.flatten().sort().values, q.flatten().sort().values, rtol=0, atol=0)
+
+
+def test_a_replica_run_follows_the_original_run_up_to_rounding():
+    data = _tiny_data()
+    for nowcaster in (None, Linefit()):
+        kw = dict(data=data, progress=False, nowcaster=nowcaster, period=10, ctx=5)
+        base = run_training(TINY, 0, **kw)
+        rep = run_training(TINY, 0, permute=1, **kw)
+        assert rep["permute"] == 1 and base["permute"] is None
+        assert rep["nowcast_steps"] == base["nowcast_steps"]
+        for u, v in zip(base["train_loss"][1:], rep["train_loss"][1:]):
+            assert abs(u - v) <= 1e-3 * abs(u)
