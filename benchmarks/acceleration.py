@@ -324,7 +324,7 @@ def cpu_model() -> str:
 
 def environment() -> dict:
     """What a run's floating-point result depends on besides the code: the nowcasters' scores are
-    chaotic in rounding (README, "Replicas"), so the same command on another CPU or library build
+    chaotic in rounding (README, "Rounding: symmetry replicas"), so the same command on another CPU or library build
     can give another step count."""
     import importlib.metadata as md
 
