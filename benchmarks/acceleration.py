@@ -27,13 +27,22 @@ NiNo's k-decay from 40, so the first nowcast extrapolates 40 state spacings); ``
 ``linefit+-kK`` (the same with the k-decay from ``K`` down to 1: the short-horizon baselines);
 ``wnn+`` (published ``nino_mlp.pt``);
 ``nino-published`` (published ``nino_no_posw.pt``); ``nino-ours`` (the checkpoint shipped in the
-package); ``nino-ours-dynamic`` (the same with ``DynamicPeriod()``); ``nino-ours-guarded`` (the same
+package, with the shipped default ``NiNo(hold="auto")``: biases and norm parameters of a model with
+normalisation layers are left to AdamW, nothing on the vision nets); the variants below run the
+shipped checkpoint with ``hold=None`` (everything nowcast) unless they say otherwise, so on the
+vision nets they differ from ``nino-ours`` only in what they name: ``nino-ours-all`` (nothing
+more: every parameter nowcast, as the published wrapper does; ``nino-ours`` before the default hold);
+``nino-ours-dynamic`` (with ``DynamicPeriod()``); ``nino-ours-guarded`` (
 with ``run_training(guard=1.0)``: a nowcast that raises its step's training loss is undone and AdamW
 takes that step instead, so a run whose every nowcast is undone is the AdamW run);
-``nino-ours-norms-held`` (the same with ``NiNo(hold="norms")``: the nowcast leaves LayerNorm/RMSNorm
+``nino-ours-norms-held`` (``NiNo(hold="norms")``: the nowcast leaves LayerNorm/RMSNorm
 parameters where they are; the vision nets have none, so there it is ``nino-ours`` exactly);
-``nino-ours-skip-k1`` (the same with ``NiNo(min_k=2)``: the k-decay's last nowcast, ``k=1`` at the
-run's final step, is skipped and AdamW takes that step; everything before it is ``nino-ours``). The published
+``nino-ours-embeddings-held`` (``NiNo(hold="embeddings")``: token and position
+embedding tables, the tied output head with them, are left to AdamW's trajectory);
+``nino-ours-skip-k1`` (``NiNo(min_k=2)``: the k-decay's last nowcast, ``k=1`` at the
+run's final step, is skipped and AdamW takes that step);
+``nino-ours-skip-k3`` / ``nino-ours-skip-k5`` (``NiNo(min_k=4)`` / ``min_k=6``: the last two / three
+nowcasts of the decay, k = 3, 1 / k = 5, 3, 1, are left to AdamW). The published
 files are looked up in ``$NOWCAST_REFERENCE`` or ``../shared/reference/checkpoints`` beside the repository; a method
 whose checkpoint is missing is skipped and the skip is recorded.
 """
@@ -62,24 +71,43 @@ from nowcast.schedule import DynamicPeriod  # noqa: E402
 from nowcast.tasks import TASKS, get_task, load_task_data  # noqa: E402
 from nowcast.train import run_training  # noqa: E402
 
-METHODS = ["adamw", "no-change", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours",
-           "nino-ours-dynamic", "nino-ours-guarded", "nino-ours-norms-held", "nino-ours-skip-k1"]
+METHODS = ["adamw", "no-change", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours", "nino-ours-all",
+           "nino-ours-dynamic", "nino-ours-guarded", "nino-ours-norms-held", "nino-ours-embeddings-held",
+           "nino-ours-skip-k1", "nino-ours-skip-k3", "nino-ours-skip-k5"]
 LABELS = {"adamw": "AdamW", "no-change": "No change (control)", "linefit": "Linefit", "linefit+": "Linefit+",
           "wnn+": "WNN+ (published)",
           "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, shipped)",
-          "nino-ours-dynamic": "NiNo (ours, shipped) + dynamic period",
-          "nino-ours-guarded": "NiNo (ours, shipped) + loss guard",
-          "nino-ours-norms-held": "NiNo (ours, shipped) + norms held",
-          "nino-ours-skip-k1": "NiNo (ours, shipped), k=1 nowcast skipped"}
+          "nino-ours-all": "NiNo (ours, hold=None)",
+          "nino-ours-dynamic": "NiNo (ours, hold=None) + dynamic period",
+          "nino-ours-guarded": "NiNo (ours, hold=None) + loss guard",
+          "nino-ours-norms-held": "NiNo (ours, hold=None) + norms held",
+          "nino-ours-embeddings-held": "NiNo (ours, hold=None) + embeddings held",
+          "nino-ours-skip-k1": "NiNo (ours, hold=None), k=1 nowcast skipped",
+          "nino-ours-skip-k3": "NiNo (ours, hold=None), k<=3 nowcasts skipped",
+          "nino-ours-skip-k5": "NiNo (ours, hold=None), k<=5 nowcasts skipped"}
 #: ``linefit-kK`` / ``linefit+-kK``: Linefit(+) under a k-decay from K instead of 40
 SHORT_LINEFIT = re.compile(r"^(linefit\+?)-k([1-9][0-9]*)$")
 #: ``run_training(guard=...)`` per method: a nowcast that raises that step's training loss is undone
 #: and AdamW takes the step
 GUARDS = {"nino-ours-guarded": 1.0}
 #: ``run_training(hold=...)`` per method (``NiNo(hold=)``)
-HOLDS = {"nino-ours-norms-held": "norms"}
+HOLDS = {"nino-ours": "auto", "nino-ours-norms-held": "norms", "nino-ours-embeddings-held": "embeddings"}
+_RESOLVED_HOLDS: dict = {}
+
+
+def resolved_hold(method: str, task: Any) -> Any:
+    """What ``HOLDS[method]`` resolves to on ``task``'s model (``"auto"`` depends on its layers):
+    the value a current run records."""
+    hold = HOLDS.get(method)
+    if hold != "auto":
+        return hold
+    if task.name not in _RESOLVED_HOLDS:
+        from nowcast.optim import resolve_hold
+        from nowcast.tasks import build_model
+        _RESOLVED_HOLDS[task.name] = resolve_hold(hold, build_model(task, 0))
+    return _RESOLVED_HOLDS[task.name]
 #: ``run_training(min_k=...)`` per method (``NiNo(min_k=)``): nowcasts with a smaller horizon are skipped
-MIN_KS = {"nino-ours-skip-k1": 2}
+MIN_KS = {"nino-ours-skip-k1": 2, "nino-ours-skip-k3": 4, "nino-ours-skip-k5": 6}
 OUT = ROOT / "benchmarks" / "results" / "acceleration"
 
 
@@ -115,8 +143,9 @@ def method_file(name: str) -> Optional[Path]:
 
     ours = OURS or SHIPPED_CHECKPOINT
     files = {"wnn+": reference_dir() / "nino_mlp.pt", "nino-published": reference_dir() / "nino_no_posw.pt",
-             "nino-ours": ours, "nino-ours-dynamic": ours, "nino-ours-guarded": ours, "nino-ours-norms-held": ours,
-             "nino-ours-skip-k1": ours}
+             "nino-ours": ours, "nino-ours-all": ours, "nino-ours-dynamic": ours, "nino-ours-guarded": ours, "nino-ours-norms-held": ours,
+             "nino-ours-embeddings-held": ours, "nino-ours-skip-k1": ours,
+             "nino-ours-skip-k3": ours, "nino-ours-skip-k5": ours}
     return files.get(name)
 
 
@@ -176,8 +205,8 @@ def stale(rec: dict, task: Any, method: str) -> Optional[str]:
         return "the method's checkpoint file changed"
     if rec["nowcasts"] + rec["nowcasts_rejected"] and (rec.get("max_k") or 40) != max_horizon(method):
         return f"k-decay from {rec.get('max_k') or 40}, the method now asks {max_horizon(method)}"
-    if rec.get("hold") != HOLDS.get(method):
-        return f"hold={rec.get('hold')!r}, the method now asks {HOLDS.get(method)!r}"
+    if rec.get("hold") != resolved_hold(method, task):
+        return f"hold={rec.get('hold')!r}, the method now asks {resolved_hold(method, task)!r}"
     if (rec.get("min_k") or 1) != MIN_KS.get(method, 1) and rec["nowcasts"] + rec["nowcasts_rejected"]:
         return f"min_k={rec.get('min_k') or 1}, the method now asks {MIN_KS.get(method, 1)}"
     return None
@@ -361,11 +390,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     OURS = args.ours
     if OURS is not None:
         sha = checkpoint_sha256("nino-ours") or "missing"
-        LABELS["nino-ours"] = f"NiNo (ours, candidate {sha[:8]})"
-        LABELS["nino-ours-dynamic"] = f"NiNo (ours, candidate {sha[:8]}) + dynamic period"
-        LABELS["nino-ours-guarded"] = f"NiNo (ours, candidate {sha[:8]}) + loss guard"
-        LABELS["nino-ours-norms-held"] = f"NiNo (ours, candidate {sha[:8]}) + norms held"
-        LABELS["nino-ours-skip-k1"] = f"NiNo (ours, candidate {sha[:8]}), k=1 nowcast skipped"
+        for m in [m for m in LABELS if m.startswith("nino-ours")]:
+            LABELS[m] = LABELS[m].replace("(ours, ", f"(ours, candidate {sha[:8]}, ").replace(", shipped)", ")")
     if args.threads:
         torch.set_num_threads(args.threads)
     out: Path = args.out

@@ -174,7 +174,7 @@ def cmd_demo(args: argparse.Namespace, explicit_task: bool) -> int:
     named = args.nowcaster in ("default", "published", "linefit", "linefit+", "no-change")
     label = f"adamw+{args.nowcaster if named else type(nowcaster).__name__}"
     nino = run_training(task, args.seed, method=label, nowcaster=nowcaster, period=_period(args), ctx=args.ctx,
-                        guard=args.guard, **common)
+                        guard=args.guard, hold=args.hold, **common)
     red = _reduction(base["steps_to_target"], nino["steps_to_target"])
     summary = {"task": task.name, "seed": args.seed, "steps": steps, "target": task.target, "metric": task.metric,
                "target_note": task.target_note, "nowcaster": args.nowcaster, "fallback_note": note,
@@ -225,7 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     record = run_training(task, args.seed, method=args.method or "adamw",
                           nowcaster=nowcaster, steps=args.steps, eval_every=args.eval_every,
                           period=_period(args), ctx=args.ctx, progress=not args.no_progress, log=args.log,
-                          guard=args.guard if nowcaster is not None else None)
+                          guard=args.guard if nowcaster is not None else None, hold=args.hold)
     text = json.dumps(record, indent=1)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
@@ -321,6 +321,15 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 # ---- argument parsing ------------------------------------------------------------------------------
+def _hold_arg(text: str) -> Optional[str]:
+    if text == "none":
+        return None
+    if text != "auto" and not all(k in ("norms", "embeddings", "vectors") for k in text.split("+")):
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, none, or a '+'-joined set of norms, embeddings, "
+                                         "vectors (e.g. norms+embeddings)")
+    return text
+
+
 def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--period", type=int, default=None,
                    help="steps per nowcast cycle, a multiple of --ctx (default: the task's, 1000 for fm16)")
@@ -331,6 +340,10 @@ def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
                    help="undo a nowcast whose training loss on its step's batch exceeds FACTOR times the loss "
                         "before it, and take AdamW's step on that batch instead (1.0: any increase; default: "
                         "no check)")
+    p.add_argument("--hold", type=_hold_arg, default="auto", metavar="PARTS",
+                   help="parameters a nowcast leaves to the base optimizer: auto (default: biases and norm "
+                        "parameters of models with normalisation layers, nothing otherwise), none, or a "
+                        "'+'-joined set of norms, embeddings, vectors")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
 

@@ -20,7 +20,7 @@ def record(acc, task: str, method: str, seed: int, steps_to_target, final: float
            "target_every": t.target_every if 0 < t.target_every < t.eval_every else 0, "metric": t.metric,
            "target": t.target, "eval_steps": [0, t.steps], "scores": [0.0, final], "steps_to_target": steps_to_target,
            "final_score": final, "nowcasts": 0, "nowcasts_rejected": 0, "wall_time_s": 1.0,
-           "checkpoint_sha256": acc.checkpoint_sha256(method)}
+           "checkpoint_sha256": acc.checkpoint_sha256(method), "hold": acc.resolved_hold(method, t)}
     rec.update(kw)
     return rec
 
@@ -47,6 +47,17 @@ def test_medians_bounds_and_stale_runs(acc, tmp_path):
     table = (tmp_path / "acceleration.md").read_text()
     assert ">= 25.0% (AdamW: not reached in 4,000)" in table and "+0.10 (+1.5%)" in table
     assert "Not counted (1 cached runs" in table  # ... and the table says so
+
+
+def test_runs_before_the_default_hold_are_stale_where_it_holds_something(acc, tmp_path):
+    """``nino-ours`` asks ``hold="auto"``: a language-model run without the hold no longer measures it,
+    a vision run (nothing to hold there) still does."""
+    recs = [record(acc, "pydocs-3-24", "nino-ours", 0, 100, 6.0, hold=None),
+            record(acc, "fm16", "nino-ours", 0, 100, 90.0, hold=None)]
+    write(tmp_path, acc, recs)
+    summary = acc.summarise(tmp_path)
+    assert [(r["task"], r["method"]) for r in summary["rows"]] == [("fm16", "nino-ours")]
+    assert len(summary["stale_runs"]) == 1 and "'vectors'" in summary["stale_runs"][0]
 
 
 def test_runs_of_an_older_task_setting_are_stale(acc, tmp_path):

@@ -138,3 +138,13 @@ def test_demo_subprocess_json(tmp_path):
     assert s["task"] == "fm16" and [x["method"] for x in s["runs"]] == ["adamw", "adamw+linefit+"]
     assert s["runs"][1]["nowcasts"] + s["runs"][1]["nowcasts_rejected"] == 3
     assert Path(s["plot"]).is_file() and Path(s["json"]).is_file()
+
+
+def test_hold_option_parses_and_refuses_unknown_parts(capsys):
+    parser = cli.build_parser()
+    assert parser.parse_args(["demo"]).hold == "auto"  # the shipped default, as in NiNo and run_training
+    assert parser.parse_args(["train", "--task", "fm16", "--hold", "none"]).hold is None
+    assert parser.parse_args(["demo", "--hold", "norms+embeddings"]).hold == "norms+embeddings"
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["demo", "--hold", "biases"])
+    assert e.value.code == 2 and "norms, embeddings, vectors" in capsys.readouterr().err

@@ -536,8 +536,8 @@ def test_hold_norms_finds_the_norm_layers_of_real_models():
     from nowcast.tasks import build_model
 
     model = build_model("austen-3-24", 0)
-    plain = NiNo(model, torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100)
-    assert plain.num_held == 0 and plain.held_names == []  # hold=None
+    plain = NiNo(model, torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100, hold=None)
+    assert plain.num_held == 0 and plain.held_names == [] and plain.hold is None
     opt = NiNo(model, torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100, hold="norms")
     assert {n.split(".")[-2] for n in opt.held_names} == {"ln_1", "ln_2", "ln_f"}
     assert opt.num_held == (3 * 2 * 2 + 2) * 24
@@ -548,9 +548,49 @@ def test_hold_norms_finds_the_norm_layers_of_real_models():
     assert NiNo(cnn, torch.optim.AdamW(cnn.parameters()), LineNowcaster(), total_steps=100, hold="norms").num_held == 0
 
 
+def test_hold_embeddings_finds_the_embedding_tables_and_the_tied_head():
+    from nowcast.tasks import build_model
+
+    bpe = build_model("austen-3-24-bpe", 0)  # GPT-2 BPE, lm_head tied to wte: one tensor, held once
+    opt = NiNo(bpe, torch.optim.AdamW(bpe.parameters()), LineNowcaster(), total_steps=100, hold="embeddings")
+    assert opt.held_names == ["transformer.wte.weight", "transformer.wpe.weight"]
+    assert opt.num_held == 50257 * 24 + 64 * 24
+    both = NiNo(bpe, torch.optim.AdamW(bpe.parameters()), LineNowcaster(), total_steps=100,
+                hold="norms+embeddings")
+    assert set(both.held_names) == set(opt.held_names) | {n for n, _ in bpe.named_parameters() if ".ln_" in n}
+    llama = build_model("austen-llama-3-64", 0)
+    opt = NiNo(llama, torch.optim.AdamW(llama.parameters()), LineNowcaster(), total_steps=100, hold="embeddings")
+    assert opt.held_names == [n for n, _ in llama.named_parameters() if "embed_tokens" in n]
+    cnn = build_model("fm16", 0)
+    assert NiNo(cnn, torch.optim.AdamW(cnn.parameters()), LineNowcaster(), total_steps=100,
+                hold="embeddings").num_held == 0
+
+
+def test_hold_auto_holds_the_vectors_of_normalised_models_only():
+    """The default: biases and norm gains/shifts of a model with normalisation layers (the language
+    models) stay with AdamW; a model without any (the vision nets) is nowcast whole."""
+    from nowcast.tasks import build_model
+
+    for name in ("austen-3-24", "austen-llama-3-64", "austen-3-24-bpe"):
+        model = build_model(name, 0)
+        opt = NiNo(model, torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100)
+        vectors = [n for n, p in model.named_parameters() if p.dim() == 1]
+        assert opt.hold == "vectors" and opt.held_names == vectors and len(vectors) > 0, name
+        assert opt.num_held == sum(p.numel() for p in model.parameters() if p.dim() == 1)
+        assert any(n.endswith("bias") for n in vectors) == (name != "austen-llama-3-64")  # Llama: no biases
+    cnn = build_model("fm16", 0)  # biases, but no normalisation layer
+    opt = NiNo(cnn, torch.optim.AdamW(cnn.parameters()), LineNowcaster(), total_steps=100)
+    assert opt.hold is None and opt.num_held == 0
+    model = Normed()  # given only the parameters, "auto" cannot see the layers: nothing is held
+    opt = NiNo(list(model.parameters()), torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100)
+    assert opt.hold is None and opt.num_held == 0
+    opt = make(Normed(), LineNowcaster(), hold="vectors")
+    assert opt.held_names == ["fc1.bias", "ln.weight", "ln.bias", "fc2.bias", "rms.weight"]
+
+
 def test_hold_bad_arguments_say_what_to_do():
     model = Normed()
-    with pytest.raises(ValueError, match="'norms' or a callable"):
+    with pytest.raises(ValueError, match="'auto', None, 'norms', 'embeddings', 'vectors'"):
         make(model, LineNowcaster(), hold="biases")
     with pytest.raises(ValueError, match="needs the model"):
         NiNo(list(model.parameters()), torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100,
