@@ -27,13 +27,11 @@ NiNo's k-decay from 40, so the first nowcast extrapolates 40 state spacings); ``
 ``linefit+-kK`` (the same with the k-decay from ``K`` down to 1: the short-horizon baselines);
 ``wnn+`` (published ``nino_mlp.pt``);
 ``nino-published`` (published ``nino_no_posw.pt``); ``nino-ours`` (the checkpoint shipped in the
-package, with the shipped default ``NiNo(hold="auto")``: biases and norm parameters of a model with
-normalisation layers are left to AdamW, nothing on the vision nets); the variants below run the
-shipped checkpoint with ``hold=None`` (everything nowcast) unless they say otherwise, so on the
-vision nets they differ from ``nino-ours`` only in what they name: ``nino-ours-all`` (nothing
-more: every parameter nowcast, as the published wrapper does; ``nino-ours`` before the default hold);
-``nino-ours-dynamic`` (with ``DynamicPeriod()``); ``nino-ours-guarded`` (
-with ``run_training(guard=1.0)``: a nowcast that raises its step's training loss is undone and AdamW
+package, every parameter nowcast); the variants below run that checkpoint with one change each:
+``nino-ours-auto`` (``NiNo(hold="auto")``: biases and norm parameters of a model with normalisation
+layers are left to AdamW; the vision nets have none, so there it is ``nino-ours`` exactly);
+``nino-ours-dynamic`` (with ``DynamicPeriod()``); ``nino-ours-guarded`` (with
+``run_training(guard=1.0)``: a nowcast that raises its step's training loss is undone and AdamW
 takes that step instead, so a run whose every nowcast is undone is the AdamW run);
 ``nino-ours-norms-held`` (``NiNo(hold="norms")``: the nowcast leaves LayerNorm/RMSNorm
 parameters where they are; the vision nets have none, so there it is ``nino-ours`` exactly);
@@ -71,27 +69,27 @@ from nowcast.schedule import DynamicPeriod  # noqa: E402
 from nowcast.tasks import TASKS, get_task, load_task_data  # noqa: E402
 from nowcast.train import run_training  # noqa: E402
 
-METHODS = ["adamw", "no-change", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours", "nino-ours-all",
+METHODS = ["adamw", "no-change", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours", "nino-ours-auto",
            "nino-ours-dynamic", "nino-ours-guarded", "nino-ours-norms-held", "nino-ours-embeddings-held",
            "nino-ours-skip-k1", "nino-ours-skip-k3", "nino-ours-skip-k5"]
 LABELS = {"adamw": "AdamW", "no-change": "No change (control)", "linefit": "Linefit", "linefit+": "Linefit+",
           "wnn+": "WNN+ (published)",
           "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, shipped)",
-          "nino-ours-all": "NiNo (ours, hold=None)",
-          "nino-ours-dynamic": "NiNo (ours, hold=None) + dynamic period",
-          "nino-ours-guarded": "NiNo (ours, hold=None) + loss guard",
-          "nino-ours-norms-held": "NiNo (ours, hold=None) + norms held",
-          "nino-ours-embeddings-held": "NiNo (ours, hold=None) + embeddings held",
-          "nino-ours-skip-k1": "NiNo (ours, hold=None), k=1 nowcast skipped",
-          "nino-ours-skip-k3": "NiNo (ours, hold=None), k<=3 nowcasts skipped",
-          "nino-ours-skip-k5": "NiNo (ours, hold=None), k<=5 nowcasts skipped"}
+          "nino-ours-auto": "NiNo (ours, shipped) + hold='auto'",
+          "nino-ours-dynamic": "NiNo (ours, shipped) + dynamic period",
+          "nino-ours-guarded": "NiNo (ours, shipped) + loss guard",
+          "nino-ours-norms-held": "NiNo (ours, shipped) + norms held",
+          "nino-ours-embeddings-held": "NiNo (ours, shipped) + embeddings held",
+          "nino-ours-skip-k1": "NiNo (ours, shipped), k=1 nowcast skipped",
+          "nino-ours-skip-k3": "NiNo (ours, shipped), k<=3 nowcasts skipped",
+          "nino-ours-skip-k5": "NiNo (ours, shipped), k<=5 nowcasts skipped"}
 #: ``linefit-kK`` / ``linefit+-kK``: Linefit(+) under a k-decay from K instead of 40
 SHORT_LINEFIT = re.compile(r"^(linefit\+?)-k([1-9][0-9]*)$")
 #: ``run_training(guard=...)`` per method: a nowcast that raises that step's training loss is undone
 #: and AdamW takes the step
 GUARDS = {"nino-ours-guarded": 1.0}
 #: ``run_training(hold=...)`` per method (``NiNo(hold=)``)
-HOLDS = {"nino-ours": "auto", "nino-ours-norms-held": "norms", "nino-ours-embeddings-held": "embeddings"}
+HOLDS = {"nino-ours-auto": "auto", "nino-ours-norms-held": "norms", "nino-ours-embeddings-held": "embeddings"}
 _RESOLVED_HOLDS: dict = {}
 
 
@@ -143,7 +141,7 @@ def method_file(name: str) -> Optional[Path]:
 
     ours = OURS or SHIPPED_CHECKPOINT
     files = {"wnn+": reference_dir() / "nino_mlp.pt", "nino-published": reference_dir() / "nino_no_posw.pt",
-             "nino-ours": ours, "nino-ours-all": ours, "nino-ours-dynamic": ours, "nino-ours-guarded": ours, "nino-ours-norms-held": ours,
+             "nino-ours": ours, "nino-ours-auto": ours, "nino-ours-dynamic": ours, "nino-ours-guarded": ours, "nino-ours-norms-held": ours,
              "nino-ours-embeddings-held": ours, "nino-ours-skip-k1": ours,
              "nino-ours-skip-k3": ours, "nino-ours-skip-k5": ours}
     return files.get(name)
@@ -391,7 +389,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if OURS is not None:
         sha = checkpoint_sha256("nino-ours") or "missing"
         for m in [m for m in LABELS if m.startswith("nino-ours")]:
-            LABELS[m] = LABELS[m].replace("(ours, ", f"(ours, candidate {sha[:8]}, ").replace(", shipped)", ")")
+            LABELS[m] = LABELS[m].replace("(ours, shipped)", f"(ours, candidate {sha[:8]})")
     if args.threads:
         torch.set_num_threads(args.threads)
     out: Path = args.out

@@ -340,9 +340,9 @@ def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
                    help="undo a nowcast whose training loss on its step's batch exceeds FACTOR times the loss "
                         "before it, and take AdamW's step on that batch instead (1.0: any increase; default: "
                         "no check)")
-    p.add_argument("--hold", type=_hold_arg, default="auto", metavar="PARTS",
-                   help="parameters a nowcast leaves to the base optimizer: auto (default: biases and norm "
-                        "parameters of models with normalisation layers, nothing otherwise), none, or a "
+    p.add_argument("--hold", type=_hold_arg, default=None, metavar="PARTS",
+                   help="parameters a nowcast leaves to the base optimizer: none (default), auto (biases and "
+                        "norm parameters of models with normalisation layers, nothing otherwise), or a "
                         "'+'-joined set of norms, embeddings, vectors")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")

@@ -96,7 +96,7 @@ def _collect(model_or_params: Any) -> tuple[Optional[torch.nn.Module], Optional[
     return None, (names if all(n is not None for n in names) else None), params
 
 
-#: ``NiNo(hold=...)``: ``"auto"`` (default), None, ``"norms"``, ``"embeddings"``, ``"vectors"``, a
+#: ``NiNo(hold=...)``: None (default), ``"auto"``, ``"norms"``, ``"embeddings"``, ``"vectors"``, a
 #: ``+``-joined combination such as ``"norms+embeddings"``, or a predicate on (name, parameter)
 HoldLike = Union[None, str, Callable[[str, torch.Tensor], bool]]
 _NORM_TYPES = tuple(t for t in (torch.nn.LayerNorm, torch.nn.GroupNorm, getattr(torch.nn, "RMSNorm", None),
@@ -132,11 +132,11 @@ _HOLD_CHOICES = "'auto', None, 'norms', 'embeddings', 'vectors' (or a '+'-joined
 
 def resolve_hold(hold: HoldLike, module: Optional[torch.nn.Module]) -> HoldLike:
     """What ``hold="auto"`` means for ``module``: ``"vectors"`` when it has a normalisation layer
-    (a transformer), else None. Measured, not derived: on the GPT-2 language-model tasks the shipped
-    checkpoint's predictions for the ~1,000 bias and LayerNorm values cost up to 4% of final
-    perplexity, while on the vision nets (no norms) nowcasting biases is part of the gain (README,
-    Known limits). Without the model (parameters only) there are no layers to see: None. Any other
-    value is returned as it is."""
+    (a transformer), else None. Not the default: on GPT-2 BPE it keeps the shipped checkpoint within
+    2% of AdamW's final perplexity (the ~1,000 bias and LayerNorm values are where its harm sits),
+    but on the byte-level GPT-2 tasks it is worse than nowcasting everything (README, Known limits).
+    Without the model (parameters only) there are no layers to see: None. Any other value is
+    returned as it is."""
     if not (isinstance(hold, str) and hold == "auto"):
         return hold
     if module is not None and any(is_norm_module(m) for m in module.modules()):
@@ -196,11 +196,10 @@ class NiNo(torch.optim.Optimizer):
         spike_factor: with ``step(closure)``: reject a nowcast whose loss after exceeds
             ``before + (spike_factor - 1) * |before|`` (``spike_factor`` times the loss for
             positive losses). ``None``: only non-finite losses are rejected.
-        hold: parameters a nowcast leaves where they are (as the ``NoChange`` control would):
-            ``"auto"`` (default: ``"vectors"`` for a model with normalisation layers, else None;
-            see :func:`resolve_hold`; ``self.hold`` is what it resolved to), None
-            (nowcast every parameter), ``"vectors"`` (every 1-D parameter: biases, norm gains and
-            shifts), ``"norms"`` (the parameters of normalisation layers: LayerNorm,
+        hold: parameters a nowcast leaves where they are (as the ``NoChange`` control would): None
+            (default: nowcast every parameter), ``"auto"`` (``"vectors"`` for a model with
+            normalisation layers, else None; see :func:`resolve_hold`; ``self.hold`` is what it
+            resolved to), ``"vectors"`` (every 1-D parameter: biases, norm gains and shifts), ``"norms"`` (the parameters of normalisation layers: LayerNorm,
             RMSNorm, GroupNorm, BatchNorm and any module whose class name ends in ``Norm``; needs
             the model), ``"embeddings"`` (the tables of ``nn.Embedding``/``nn.EmbeddingBag``
             modules, a tied output head included; needs the model), ``"norms+embeddings"``, or a
@@ -232,7 +231,7 @@ class NiNo(torch.optim.Optimizer):
                  history_dtype: Optional[torch.dtype] = None,
                  nowcast_device: Union[str, torch.device, None] = None,
                  spike_factor: Optional[float] = None, on_reject: str = "skip",
-                 graph_profile: str = "nino", hold: HoldLike = "auto", min_k: int = 1) -> None:
+                 graph_profile: str = "nino", hold: HoldLike = None, min_k: int = 1) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, NiNo):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer (not NiNo), got "
                             f"{type(base_optimizer).__name__}")

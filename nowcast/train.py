@@ -57,7 +57,7 @@ def _logger(log: LogLike) -> Optional[Callable[[dict], None]]:
 def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowcaster: Any = None,
                  steps: Optional[int] = None, eval_every: Optional[int] = None, data: Optional[TaskData] = None,
                  period: Any = None, ctx: int = 5, progress: bool = True, log: LogLike = None,
-                 guard: Optional[float] = None, max_k: int = 40, hold: Optional[str] = "auto",
+                 guard: Optional[float] = None, max_k: int = 40, hold: Optional[str] = None,
                  permute: Optional[int] = None, min_k: int = 1) -> dict:
     """Train ``build_model(task, seed)`` for ``steps`` steps and return a JSON-serialisable record.
 
@@ -71,8 +71,8 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
             (an int or a :class:`nowcast.schedule.DynamicPeriod`; default ``task.period``, 1000 for
             the paper's tasks), ``ctx``, ``total_steps=steps``
             and the published k-decay from ``max_k`` (default 40) down to 1, and ``hold`` (``NiNo(hold=)``:
-            ``"auto"``, the default, holds biases and norm parameters of models with normalisation
-            layers; None nowcasts everything; the record stores what it resolved to). A graph, if the nowcaster needs one, is compiled from
+            None, the default, nowcasts everything; ``"auto"`` holds biases and norm parameters of
+            models with normalisation layers; the record stores what it resolved to). A graph, if the nowcaster needs one, is compiled from
             ``example_inputs(task)``.
         steps, eval_every: default the task's.
         data: the task's loaded data (loaded here when None; pass it to share one load across runs).

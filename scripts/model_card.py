@@ -138,9 +138,9 @@ def main() -> None:
         "  validation loss is the untrained network's (its predicted changes are near zero: about the no-change",
         "  baseline). Its acceleration is measured in `benchmarks/results/acceleration/` in the same runs as the",
         "  published checkpoint.",
-        "- Used as shipped, `nowcast.NiNo` leaves biases and normalisation parameters of a model with",
-        "  normalisation layers (the transformers) to the base optimizer (`hold=\"auto\"`): its predictions for them",
-        "  cost up to 4% of final perplexity on GPT-2 BPE (README, Known limits). `hold=None` nowcasts everything.",
+        "- On GPT-2 BPE its predictions for the ~1,000 bias and LayerNorm values cost up to 4% of final perplexity;",
+        "  `NiNo(hold=\"auto\")` leaves them to the base optimizer there, but costs the byte-level GPT-2 tasks more than",
+        "  it saves, so the default nowcasts everything (README, Known limits).",
         *([] if lm_data else [
             "- No language model in its meta-training data: on byte-level GPT-2-style models its nowcasts overshoot",
             "  (bible-3-24 seed 0: final perplexity 5.50 against AdamW's 4.89, benchmarks/results/acceleration/runs/).",

@@ -49,14 +49,14 @@ def test_medians_bounds_and_stale_runs(acc, tmp_path):
     assert "Not counted (1 cached runs" in table  # ... and the table says so
 
 
-def test_runs_before_the_default_hold_are_stale_where_it_holds_something(acc, tmp_path):
-    """``nino-ours`` asks ``hold="auto"``: a language-model run without the hold no longer measures it,
-    a vision run (nothing to hold there) still does."""
-    recs = [record(acc, "pydocs-3-24", "nino-ours", 0, 100, 6.0, hold=None),
-            record(acc, "fm16", "nino-ours", 0, 100, 90.0, hold=None)]
+def test_hold_auto_runs_are_stale_without_the_hold_where_it_holds_something(acc, tmp_path):
+    """``nino-ours-auto`` asks ``hold="auto"``: a language-model run without the hold does not measure
+    it, a vision run (nothing to hold there) does."""
+    recs = [record(acc, "pydocs-3-24", "nino-ours-auto", 0, 100, 6.0, hold=None),
+            record(acc, "fm16", "nino-ours-auto", 0, 100, 90.0, hold=None)]
     write(tmp_path, acc, recs)
     summary = acc.summarise(tmp_path)
-    assert [(r["task"], r["method"]) for r in summary["rows"]] == [("fm16", "nino-ours")]
+    assert [(r["task"], r["method"]) for r in summary["rows"]] == [("fm16", "nino-ours-auto")]
     assert len(summary["stale_runs"]) == 1 and "'vectors'" in summary["stale_runs"][0]
 
 

@@ -142,7 +142,8 @@ def test_demo_subprocess_json(tmp_path):
 
 def test_hold_option_parses_and_refuses_unknown_parts(capsys):
     parser = cli.build_parser()
-    assert parser.parse_args(["demo"]).hold == "auto"  # the shipped default, as in NiNo and run_training
+    assert parser.parse_args(["demo"]).hold is None  # the default, as in NiNo and run_training
+    assert parser.parse_args(["train", "--task", "fm16", "--hold", "auto"]).hold == "auto"
     assert parser.parse_args(["train", "--task", "fm16", "--hold", "none"]).hold is None
     assert parser.parse_args(["demo", "--hold", "norms+embeddings"]).hold == "norms+embeddings"
     with pytest.raises(SystemExit) as e:

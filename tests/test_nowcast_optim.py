@@ -567,22 +567,25 @@ def test_hold_embeddings_finds_the_embedding_tables_and_the_tied_head():
 
 
 def test_hold_auto_holds_the_vectors_of_normalised_models_only():
-    """The default: biases and norm gains/shifts of a model with normalisation layers (the language
-    models) stay with AdamW; a model without any (the vision nets) is nowcast whole."""
+    """``hold="auto"``: biases and norm gains/shifts of a model with normalisation layers (the
+    language models) stay with the base optimizer; a model without any (the vision nets) is nowcast
+    whole. The default stays None: everything nowcast."""
     from nowcast.tasks import build_model
 
     for name in ("austen-3-24", "austen-llama-3-64", "austen-3-24-bpe"):
         model = build_model(name, 0)
-        opt = NiNo(model, torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100)
+        assert NiNo(model, torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100).num_held == 0
+        opt = NiNo(model, torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100, hold="auto")
         vectors = [n for n, p in model.named_parameters() if p.dim() == 1]
         assert opt.hold == "vectors" and opt.held_names == vectors and len(vectors) > 0, name
         assert opt.num_held == sum(p.numel() for p in model.parameters() if p.dim() == 1)
         assert any(n.endswith("bias") for n in vectors) == (name != "austen-llama-3-64")  # Llama: no biases
     cnn = build_model("fm16", 0)  # biases, but no normalisation layer
-    opt = NiNo(cnn, torch.optim.AdamW(cnn.parameters()), LineNowcaster(), total_steps=100)
+    opt = NiNo(cnn, torch.optim.AdamW(cnn.parameters()), LineNowcaster(), total_steps=100, hold="auto")
     assert opt.hold is None and opt.num_held == 0
     model = Normed()  # given only the parameters, "auto" cannot see the layers: nothing is held
-    opt = NiNo(list(model.parameters()), torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100)
+    opt = NiNo(list(model.parameters()), torch.optim.AdamW(model.parameters()), LineNowcaster(), total_steps=100,
+               hold="auto")
     assert opt.hold is None and opt.num_held == 0
     opt = make(Normed(), LineNowcaster(), hold="vectors")
     assert opt.held_names == ["fc1.bias", "ln.weight", "ln.bias", "fc2.bias", "rms.weight"]
