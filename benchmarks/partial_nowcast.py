@@ -156,7 +156,7 @@ def run(task_name: str, seed: int, hold: str, out: Path) -> dict:
         mask = held_mask(build_model(task, seed), hold)
         start = int(hold.split(":")[1]) if hold.startswith("from-nowcast:") else None
         held = HeldNowcaster(nowcast.load(SHIPPED_CHECKPOINT), mask, only_call=only, from_call=start)
-    rec = run_training(task, seed, method=f"nino-ours-hold-{hold}", nowcaster=held, progress=False, hold=None)
+    rec = run_training(task, seed, method=f"nino-ours-hold-{hold}", nowcaster=held, progress=False)
     if only is not None and held.calls != only:  # type: ignore[union-attr]
         raise RuntimeError(f"expected {only} nowcasts, the run made {held.calls}")
     rec.update(hold=hold, held_values=int(mask.sum()), num_values=mask.numel(),

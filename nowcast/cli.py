@@ -324,7 +324,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def _hold_arg(text: str) -> Optional[str]:
     if text == "none":
         return None
-    if text != "auto" and not all(k in ("norms", "embeddings", "vectors") for k in text.split("+")):
+    from .optim import _HOLD_SETS  # the one list of hold sets NiNo accepts
+
+    if text != "auto" and not all(k in _HOLD_SETS for k in text.split("+")):
         raise argparse.ArgumentTypeError(f"{text!r}: use auto, none, or a '+'-joined set of norms, embeddings, "
                                          "vectors (e.g. norms+embeddings)")
     return text

@@ -112,7 +112,7 @@ def test_trainer_with_the_wrapper(tmp_path):
     forwards = count_forwards(model)
     nc = RecordingLinefitPlus()
     nino = nowcast.NiNo(model, torch.optim.AdamW(model.parameters(), lr=3e-3), nc, period=PERIOD, ctx=CTX,
-                        total_steps=STEPS, hold=None)  # every value written, so the prediction is the state
+                        total_steps=STEPS)
     seen = trace_nowcasts(nino, model)
     trainer = transformers.Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenData(),
                                    optimizers=(nino, None))
@@ -128,7 +128,7 @@ def test_trainer_with_the_callback(tmp_path):
     model = tiny_gpt2()
     forwards = count_forwards(model)
     nc = RecordingLinefitPlus()
-    cb = NowcastCallback(nc, period=PERIOD, ctx=CTX, hold=None)  # every value written
+    cb = NowcastCallback(nc, period=PERIOD, ctx=CTX)
 
     class Hook(transformers.TrainerCallback):  # runs after cb, which builds NiNo at on_train_begin
         def on_train_begin(self, args, state, control, **kw):
@@ -152,7 +152,7 @@ def test_accelerate_prepare_with_accumulation():
     forwards = count_forwards(model)
     nc = RecordingLinefitPlus()
     nino = nowcast.NiNo(model, torch.optim.AdamW(model.parameters(), lr=3e-3), nc, period=PERIOD, ctx=CTX,
-                        total_steps=STEPS, hold=None)  # every value written, so the prediction is the state
+                        total_steps=STEPS)
     seen = trace_nowcasts(nino, model)
     loader = torch.utils.data.DataLoader(TokenData(), batch_size=MICRO_BATCH, shuffle=False)
     pmodel, popt, ploader = accelerator.prepare(model, nino, loader)

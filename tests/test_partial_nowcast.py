@@ -126,9 +126,9 @@ def test_holding_norm_names_is_the_wrappers_hold_norms(pn):
     mask = pn.held_mask(build_model("austen-3-24", 0), "match:ln_")
     kw = dict(steps=10, eval_every=10, data=data, period=5, progress=False)
     held = pn.HeldNowcaster(nowcast.load(SHIPPED_CHECKPOINT), mask)
-    a = run_training("austen-3-24", 0, nowcaster=held, hold=None, **kw)
+    a = run_training("austen-3-24", 0, nowcaster=held, **kw)
     b = run_training("austen-3-24", 0, nowcaster=nowcast.load(SHIPPED_CHECKPOINT), hold="norms", **kw)
-    c = run_training("austen-3-24", 0, nowcaster=nowcast.load(SHIPPED_CHECKPOINT), hold=None, **kw)
+    c = run_training("austen-3-24", 0, nowcaster=nowcast.load(SHIPPED_CHECKPOINT), **kw)
     assert a["nowcasts"] == b["nowcasts"] == 2 and b["held_values"] == int(mask.sum()) == (3 * 4 + 2) * 24
     assert a["scores"] == b["scores"] and a["train_loss"] == b["train_loss"]
     assert c["scores"][-1] != b["scores"][-1]  # holding them changes the run
