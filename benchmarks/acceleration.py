@@ -71,7 +71,7 @@ from nowcast.train import run_training  # noqa: E402
 
 METHODS = ["adamw", "no-change", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours", "nino-ours-auto",
            "nino-ours-dynamic", "nino-ours-guarded", "nino-ours-norms-held", "nino-ours-embeddings-held",
-           "nino-ours-skip-k1", "nino-ours-skip-k3", "nino-ours-skip-k5"]
+           "nino-ours-skip-k1", "nino-ours-skip-k3", "nino-ours-skip-k5", "nino-ours-gated"]
 LABELS = {"adamw": "AdamW", "no-change": "No change (control)", "linefit": "Linefit", "linefit+": "Linefit+",
           "wnn+": "WNN+ (published)",
           "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, shipped)",
@@ -82,7 +82,8 @@ LABELS = {"adamw": "AdamW", "no-change": "No change (control)", "linefit": "Line
           "nino-ours-embeddings-held": "NiNo (ours, shipped) + embeddings held",
           "nino-ours-skip-k1": "NiNo (ours, shipped), k=1 nowcast skipped",
           "nino-ours-skip-k3": "NiNo (ours, shipped), k<=3 nowcasts skipped",
-          "nino-ours-skip-k5": "NiNo (ours, shipped), k<=5 nowcasts skipped"}
+          "nino-ours-skip-k5": "NiNo (ours, shipped), k<=5 nowcasts skipped",
+          "nino-ours-gated": "NiNo (ours, shipped) + skill gate 0.9"}
 #: ``linefit-kK`` / ``linefit+-kK``: Linefit(+) under a k-decay from K instead of 40
 SHORT_LINEFIT = re.compile(r"^(linefit\+?)-k([1-9][0-9]*)$")
 #: ``run_training(guard=...)`` per method: a nowcast that raises that step's training loss is undone
@@ -106,6 +107,10 @@ def resolved_hold(method: str, task: Any) -> Any:
     return _RESOLVED_HOLDS[task.name]
 #: ``run_training(min_k=...)`` per method (``NiNo(min_k=)``): nowcasts with a smaller horizon are skipped
 MIN_KS = {"nino-ours-skip-k1": 2, "nino-ours-skip-k3": 4, "nino-ours-skip-k5": 6}
+#: ``run_training(gate=...)`` per method: ``nowcast.gate.SkillGate(threshold)`` around the checkpoint
+#: (the run records at ``ctx=10``, half the spacing, and nowcasts from every second state only when
+#: the gate is open)
+GATES = {"nino-ours-gated": 0.9}
 OUT = ROOT / "benchmarks" / "results" / "acceleration"
 
 
@@ -143,7 +148,7 @@ def method_file(name: str) -> Optional[Path]:
     files = {"wnn+": reference_dir() / "nino_mlp.pt", "nino-published": reference_dir() / "nino_no_posw.pt",
              "nino-ours": ours, "nino-ours-auto": ours, "nino-ours-dynamic": ours, "nino-ours-guarded": ours, "nino-ours-norms-held": ours,
              "nino-ours-embeddings-held": ours, "nino-ours-skip-k1": ours,
-             "nino-ours-skip-k3": ours, "nino-ours-skip-k5": ours}
+             "nino-ours-skip-k3": ours, "nino-ours-skip-k5": ours, "nino-ours-gated": ours}
     return files.get(name)
 
 
@@ -207,6 +212,8 @@ def stale(rec: dict, task: Any, method: str) -> Optional[str]:
         return f"hold={rec.get('hold')!r}, the method now asks {resolved_hold(method, task)!r}"
     if (rec.get("min_k") or 1) != MIN_KS.get(method, 1) and rec["nowcasts"] + rec["nowcasts_rejected"]:
         return f"min_k={rec.get('min_k') or 1}, the method now asks {MIN_KS.get(method, 1)}"
+    if rec.get("gate") != GATES.get(method) and rec["nowcasts"] + rec["nowcasts_rejected"]:
+        return f"skill gate {rec.get('gate')!r}, the method now asks {GATES.get(method)!r}"
     return None
 
 
@@ -424,7 +431,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     rec = run_training(task, seed, method=m, nowcaster=nc, steps=steps, eval_every=args.eval_every,
                                        data=data, period=period, progress=not args.no_progress,
                                        guard=GUARDS.get(m), max_k=max_horizon(m), hold=HOLDS.get(m),
-                                       min_k=MIN_KS.get(m, 1))
+                                       min_k=MIN_KS.get(m, 1), gate=GATES.get(m))
                     rec.update(environment())
                     if checkpoint_sha256(m) != sha:  # replaced while it ran: the record would lie
                         print(f"not saved: {m}'s checkpoint file changed during the run", file=sys.stderr)

@@ -174,7 +174,7 @@ def cmd_demo(args: argparse.Namespace, explicit_task: bool) -> int:
     named = args.nowcaster in ("default", "published", "linefit", "linefit+", "no-change")
     label = f"adamw+{args.nowcaster if named else type(nowcaster).__name__}"
     nino = run_training(task, args.seed, method=label, nowcaster=nowcaster, period=_period(args), ctx=args.ctx,
-                        guard=args.guard, hold=args.hold, **common)
+                        guard=args.guard, hold=args.hold, gate=args.gate, **common)
     red = _reduction(base["steps_to_target"], nino["steps_to_target"])
     summary = {"task": task.name, "seed": args.seed, "steps": steps, "target": task.target, "metric": task.metric,
                "target_note": task.target_note, "nowcaster": args.nowcaster, "fallback_note": note,
@@ -225,7 +225,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     record = run_training(task, args.seed, method=args.method or "adamw",
                           nowcaster=nowcaster, steps=args.steps, eval_every=args.eval_every,
                           period=_period(args), ctx=args.ctx, progress=not args.no_progress, log=args.log,
-                          guard=args.guard if nowcaster is not None else None, hold=args.hold)
+                          guard=args.guard if nowcaster is not None else None, hold=args.hold,
+                          gate=args.gate)
     text = json.dumps(record, indent=1)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
@@ -332,6 +333,17 @@ def _hold_arg(text: str) -> Optional[str]:
     return text
 
 
+def _gate_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the gate is a ratio in (0, 1], e.g. 0.9 (nowcast only when "
+                                         "the nowcaster's backtest error is under 0.9 times no change's)")
+    return value
+
+
 def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--period", type=int, default=None,
                    help="steps per nowcast cycle, a multiple of --ctx (default: the task's, 1000 for fm16)")
@@ -346,6 +358,10 @@ def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
                    help="parameters a nowcast leaves to the base optimizer: none (default), auto (biases and "
                         "norm parameters of models with normalisation layers, nothing otherwise), or a "
                         "'+'-joined set of norms, embeddings, vectors")
+    p.add_argument("--gate", type=_gate_arg, default=None, metavar="RATIO",
+                   help="skill gate (nowcast.gate.SkillGate): nowcast only when the nowcaster, backtested on "
+                        "the first half of the cycle, beats no change by this error ratio (e.g. 0.9); "
+                        "records twice the states. Default: no gate")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
 

@@ -58,7 +58,7 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
                  steps: Optional[int] = None, eval_every: Optional[int] = None, data: Optional[TaskData] = None,
                  period: Any = None, ctx: int = 5, progress: bool = True, log: LogLike = None,
                  guard: Optional[float] = None, max_k: int = 40, hold: Optional[str] = None,
-                 permute: Optional[int] = None, min_k: int = 1) -> dict:
+                 permute: Optional[int] = None, min_k: int = 1, gate: Optional[float] = None) -> dict:
     """Train ``build_model(task, seed)`` for ``steps`` steps and return a JSON-serialisable record.
 
     Args:
@@ -85,6 +85,10 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
             nowcast is undone is the AdamW run exactly. ``1.0`` rejects any increase. None: no check.
         min_k: ``NiNo(min_k=)``: nowcasts whose horizon is below it are skipped and AdamW takes the
             step (2 drops the published decay's final ``k=1`` nowcast, at the run's last step).
+        gate: with a nowcaster, wrap it in :class:`nowcast.gate.SkillGate` with this threshold (the
+            wrapper then records ``2 * ctx`` states per cycle, and a nowcast runs only when the
+            nowcaster's backtest on the cycle's first half beats no change by that ratio; otherwise
+            the parameters stay put). The record gets ``gate`` and ``gate_log``. None: no gate.
         permute: None, or a seed: start from the initial weights moved by a random element of the
             model's inferred neuron permutation group (``neugraph.trace(...).sample_symmetry`` drawn
             from a generator seeded with ``permute``). The network computes the same function, and
@@ -114,6 +118,11 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         period = task.period
     if nowcaster is not None and method == "adamw":
         method = f"adamw+{type(nowcaster).__name__}"
+    if gate is not None and nowcaster is not None:
+        from .gate import SkillGate
+
+        nowcaster = SkillGate(nowcaster, gate)
+        ctx = nowcaster.ctx
     emit = _logger(log)
     t_start = time.perf_counter()
     if data is None:
@@ -237,6 +246,8 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         "max_k": max_k if nowcaster is not None else None,
         "hold": wrapper.hold if wrapper is not None else None, "permute": permute,
         "held_values": wrapper.num_held if wrapper is not None else None,
+        "gate": gate if wrapper is not None else None,
+        "gate_log": list(nowcaster.log) if wrapper is not None and gate is not None else None,
         "nowcast_log": nowcast_log, "lr": task.lr, "weight_decay": task.weight_decay,
         "batch_size": task.batch_size, "torch_threads": torch.get_num_threads(),
     }

@@ -149,3 +149,13 @@ def test_hold_option_parses_and_refuses_unknown_parts(capsys):
     with pytest.raises(SystemExit) as e:
         parser.parse_args(["demo", "--hold", "biases"])
     assert e.value.code == 2 and "norms, embeddings, vectors" in capsys.readouterr().err
+
+
+def test_gate_option_parses_and_refuses_ratios_outside_0_1(capsys):
+    parser = cli.build_parser()
+    assert parser.parse_args(["demo"]).gate is None
+    assert parser.parse_args(["train", "--task", "fm16", "--gate", "0.9"]).gate == 0.9
+    for bad in ("0", "1.5", "high"):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["demo", "--gate", bad])
+        assert e.value.code == 2 and "ratio in (0, 1]" in capsys.readouterr().err

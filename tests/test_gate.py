@@ -1,0 +1,152 @@
+"""``nowcast.gate.SkillGate``: the backtest, the decision, and that it only ever removes nowcasts."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import nowcast
+from nowcast.gate import SkillGate
+from nowcast.optim import NiNo
+
+
+class Overshoot(nowcast.Nowcaster):
+    """Worse than no change on any moving trajectory: ten times the last step, whatever k is."""
+
+    needs_graph = False
+
+    def predict(self, graph, states, k):
+        states = self.check(graph, states, k)
+        return states[:, -1] + 10.0 * (states[:, -1] - states[:, -2])
+
+
+def _line(n: int, ctx: int, slope: float = 0.5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    start, step = torch.randn(n, 1, generator=g), torch.randn(n, 1, generator=g) * slope
+    return start + step * torch.arange(1, ctx + 1, dtype=torch.float32)
+
+
+def test_construction_checks():
+    with pytest.raises(ValueError, match="threshold must be a number in"):
+        SkillGate(nowcast.Linefit(), threshold=0)
+    with pytest.raises(ValueError, match="threshold must be a number in"):
+        SkillGate(nowcast.Linefit(), threshold=1.5)
+    with pytest.raises(TypeError, match="SkillGate wraps a nowcaster"):
+        SkillGate(object())
+    g = SkillGate(nowcast.Linefit())
+    assert g.ctx == 10 and g.needs_graph is False and g.max_horizon == nowcast.Linefit().max_horizon
+
+
+def test_states_must_have_twice_the_context():
+    with pytest.raises(ValueError, match="takes ctx=10"):
+        SkillGate(nowcast.Linefit()).predict(None, _line(4, 5), 1)
+
+
+def test_linear_trajectory_opens_and_predicts_from_every_second_state():
+    states = _line(50, 10)
+    gate, inner = SkillGate(nowcast.Linefit(), threshold=0.9), nowcast.Linefit()
+    assert gate.skill(None, states) < 1e-4  # a line fit backtests a line exactly
+    for k in (1, 7, 40):
+        assert torch.equal(gate.predict(None, states, k), inner.predict(None, states[:, 1::2], k))
+    assert [e["open"] for e in gate.log] == [True] * 3 and gate.log[0]["k"] == 1
+
+
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 40))
+@settings(max_examples=25, deadline=None)
+def test_closed_gate_is_no_change(seed, k):
+    """No change has skill exactly 1 (never < threshold); an overshooting nowcaster's is above 1."""
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(30, 10, generator=g).cumsum(1)  # a random walk: nothing to extrapolate
+    for inner in (nowcast.NoChange(), Overshoot()):
+        gate = SkillGate(inner, threshold=1.0)
+        s = gate.skill(None, states)
+        assert s >= 1.0 - 1e-6
+        assert torch.equal(gate.predict(None, states, k), states[:, -1])
+        assert gate.log[-1]["open"] is False
+
+
+def test_nothing_moved_keeps_the_gate_closed():
+    states = torch.ones(8, 10)
+    gate = SkillGate(nowcast.Linefit())
+    assert gate.skill(None, states) == float("inf")
+    assert torch.equal(gate.predict(None, states, 3), states[:, -1])
+    assert gate.log == [{"k": 3, "skill": None, "open": False}]
+
+
+def _train(nowcaster, ctx: int, linear: bool = False, steps: int = 60,
+           period: int = 20) -> tuple[list[torch.Tensor], NiNo]:
+    """SGD under NiNo on a least-squares problem (an MLP), or with ``linear`` on a linear loss
+    (one layer: a constant gradient, so every trajectory is a line); returns the final parameters."""
+    torch.manual_seed(0)
+    model = (torch.nn.Linear(4, 3) if linear else
+             torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    opt = NiNo(model, torch.optim.SGD(model.parameters(), lr=0.05), nowcaster, period=period, ctx=ctx,
+               total_steps=steps)
+    for _ in range(steps):
+        opt.zero_grad()
+        if opt.need_grads:
+            out = model(x)
+            (out.sum() if linear else torch.nn.functional.mse_loss(out, y)).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+def test_open_gate_run_is_the_ungated_run_exactly():
+    """Linefit on straight trajectories: every nowcast runs, from the same 5 states."""
+    gate = SkillGate(nowcast.Linefit(), threshold=0.9)
+    gated, _ = _train(gate, ctx=10, linear=True)
+    plain, _ = _train(nowcast.Linefit(), ctx=5, linear=True)
+    assert len(gate.log) == 3 and all(e["open"] for e in gate.log)
+    assert all(torch.equal(a, b) for a, b in zip(gated, plain))
+
+
+def test_closed_gate_run_is_the_no_change_run_exactly():
+    """Overshoot on the curved MLP trajectories: every backtest is worse than no change."""
+    gate = SkillGate(Overshoot(), threshold=0.9)
+    gated, opt = _train(gate, ctx=10)
+    control, _ = _train(nowcast.NoChange(), ctx=5)
+    assert len(gate.log) == 3 and not any(e["open"] for e in gate.log)
+    assert opt.state["nowcasts"] == 3  # the wrapper wrote the (unchanged) parameters three times
+    assert all(torch.equal(a, b) for a, b in zip(gated, control))
+    ungated, _ = _train(Overshoot(), ctx=5)
+    assert not all(torch.equal(a, b) for a, b in zip(gated, ungated))
+
+
+def test_gnn_checkpoint_on_a_compiled_graph():
+    """The shipped GNN behind the gate: the open prediction is the GNN's on the coarse states."""
+    import neugraph
+    from nowcast.cli import SHIPPED_CHECKPOINT
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    graph = neugraph.compile(model, torch.randn(3, 6))
+    inner = nowcast.load(SHIPPED_CHECKPOINT)
+    states = _line(graph.num_params, 10, slope=0.01)
+    gate = SkillGate(inner, threshold=1.0)
+    out = gate.predict(graph, states, 4)
+    assert out.shape == (graph.num_params,)
+    if gate.log[-1]["open"]:
+        assert torch.equal(out, inner.predict(graph, states[:, 1::2], 4))
+    else:
+        assert torch.equal(out, states[:, -1])
+    assert gate.log[-1]["skill"] is not None and gate.log[-1]["skill"] > 0
+
+
+def test_run_training_gate_records_each_decision():
+    """``run_training(gate=)`` wraps the nowcaster, doubles the recorded states and logs the gate."""
+    from nowcast.cli import SHIPPED_CHECKPOINT
+    from nowcast.data import DataMissingError
+    from nowcast.tasks import load_task_data
+    from nowcast.train import run_training
+
+    try:
+        data = load_task_data("austen-3-24")
+    except DataMissingError as e:
+        pytest.skip(str(e))
+    kw = dict(steps=20, eval_every=10, data=data, period=10, progress=False)
+    rec = run_training("austen-3-24", 0, nowcaster=nowcast.load(SHIPPED_CHECKPOINT), gate=0.9, **kw)
+    assert rec["ctx"] == 10 and rec["gate"] == 0.9 and rec["nowcast_steps"] == [9, 19]
+    assert [e["k"] for e in rec["gate_log"]] == [40, 1]
+    assert all(isinstance(e["open"], bool) and e["skill"] > 0 for e in rec["gate_log"])
+    plain = run_training("austen-3-24", 0, nowcaster=nowcast.load(SHIPPED_CHECKPOINT), **kw)
+    assert plain["gate"] is None and plain["gate_log"] is None and plain["ctx"] == 5
