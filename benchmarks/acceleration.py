@@ -40,7 +40,11 @@ embedding tables, the tied output head with them, are left to AdamW's trajectory
 ``nino-ours-skip-k1`` (``NiNo(min_k=2)``: the k-decay's last nowcast, ``k=1`` at the
 run's final step, is skipped and AdamW takes that step);
 ``nino-ours-skip-k3`` / ``nino-ours-skip-k5`` (``NiNo(min_k=4)`` / ``min_k=6``: the last two / three
-nowcasts of the decay, k = 3, 1 / k = 5, 3, 1, are left to AdamW). The published
+nowcasts of the decay, k = 3, 1 / k = 5, 3, 1, are left to AdamW);
+``nino-ours-gated`` (``run_training(gate=0.9)``, ``nowcast.gate.SkillGate``: at the first nowcast the
+checkpoint is backtested on the run's first half-period; the run nowcasts as ``nino-ours`` if that
+beat no change by 10%, else it is the ``no-change`` control); ``nino-ours-gated-every`` (the same
+test at every nowcast, ``gate_every_cycle=True``). The published
 files are looked up in ``$NOWCAST_REFERENCE`` or ``../shared/reference/checkpoints`` beside the repository; a method
 whose checkpoint is missing is skipped and the skip is recorded.
 """
@@ -71,7 +75,7 @@ from nowcast.train import run_training  # noqa: E402
 
 METHODS = ["adamw", "no-change", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours", "nino-ours-auto",
            "nino-ours-dynamic", "nino-ours-guarded", "nino-ours-norms-held", "nino-ours-embeddings-held",
-           "nino-ours-skip-k1", "nino-ours-skip-k3", "nino-ours-skip-k5", "nino-ours-gated"]
+           "nino-ours-skip-k1", "nino-ours-skip-k3", "nino-ours-skip-k5", "nino-ours-gated", "nino-ours-gated-every"]
 LABELS = {"adamw": "AdamW", "no-change": "No change (control)", "linefit": "Linefit", "linefit+": "Linefit+",
           "wnn+": "WNN+ (published)",
           "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, shipped)",
@@ -83,7 +87,8 @@ LABELS = {"adamw": "AdamW", "no-change": "No change (control)", "linefit": "Line
           "nino-ours-skip-k1": "NiNo (ours, shipped), k=1 nowcast skipped",
           "nino-ours-skip-k3": "NiNo (ours, shipped), k<=3 nowcasts skipped",
           "nino-ours-skip-k5": "NiNo (ours, shipped), k<=5 nowcasts skipped",
-          "nino-ours-gated": "NiNo (ours, shipped) + skill gate 0.9"}
+          "nino-ours-gated": "NiNo (ours, shipped) + skill gate 0.9",
+          "nino-ours-gated-every": "NiNo (ours, shipped) + skill gate 0.9 at every nowcast"}
 #: ``linefit-kK`` / ``linefit+-kK``: Linefit(+) under a k-decay from K instead of 40
 SHORT_LINEFIT = re.compile(r"^(linefit\+?)-k([1-9][0-9]*)$")
 #: ``run_training(guard=...)`` per method: a nowcast that raises that step's training loss is undone
@@ -109,8 +114,9 @@ def resolved_hold(method: str, task: Any) -> Any:
 MIN_KS = {"nino-ours-skip-k1": 2, "nino-ours-skip-k3": 4, "nino-ours-skip-k5": 6}
 #: ``run_training(gate=...)`` per method: ``nowcast.gate.SkillGate(threshold)`` around the checkpoint
 #: (the run records at ``ctx=10``, half the spacing, and nowcasts from every second state only when
-#: the gate is open)
-GATES = {"nino-ours-gated": 0.9}
+#: the gate is open: decided at the first nowcast, or for the methods in GATE_EVERY at every one)
+GATES = {"nino-ours-gated": 0.9, "nino-ours-gated-every": 0.9}
+GATE_EVERY = {"nino-ours-gated-every"}
 OUT = ROOT / "benchmarks" / "results" / "acceleration"
 
 
@@ -148,7 +154,8 @@ def method_file(name: str) -> Optional[Path]:
     files = {"wnn+": reference_dir() / "nino_mlp.pt", "nino-published": reference_dir() / "nino_no_posw.pt",
              "nino-ours": ours, "nino-ours-auto": ours, "nino-ours-dynamic": ours, "nino-ours-guarded": ours, "nino-ours-norms-held": ours,
              "nino-ours-embeddings-held": ours, "nino-ours-skip-k1": ours,
-             "nino-ours-skip-k3": ours, "nino-ours-skip-k5": ours, "nino-ours-gated": ours}
+             "nino-ours-skip-k3": ours, "nino-ours-skip-k5": ours, "nino-ours-gated": ours,
+             "nino-ours-gated-every": ours}
     return files.get(name)
 
 
@@ -214,6 +221,8 @@ def stale(rec: dict, task: Any, method: str) -> Optional[str]:
         return f"min_k={rec.get('min_k') or 1}, the method now asks {MIN_KS.get(method, 1)}"
     if rec.get("gate") != GATES.get(method) and rec["nowcasts"] + rec["nowcasts_rejected"]:
         return f"skill gate {rec.get('gate')!r}, the method now asks {GATES.get(method)!r}"
+    if method in GATES and bool(rec.get("gate_every_cycle")) != (method in GATE_EVERY):
+        return f"gate_every_cycle={rec.get('gate_every_cycle')!r}, the method now asks {method in GATE_EVERY}"
     return None
 
 
@@ -431,7 +440,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     rec = run_training(task, seed, method=m, nowcaster=nc, steps=steps, eval_every=args.eval_every,
                                        data=data, period=period, progress=not args.no_progress,
                                        guard=GUARDS.get(m), max_k=max_horizon(m), hold=HOLDS.get(m),
-                                       min_k=MIN_KS.get(m, 1), gate=GATES.get(m))
+                                       min_k=MIN_KS.get(m, 1), gate=GATES.get(m),
+                                       gate_every_cycle=m in GATE_EVERY)
                     rec.update(environment())
                     if checkpoint_sha256(m) != sha:  # replaced while it ran: the record would lie
                         print(f"not saved: {m}'s checkpoint file changed during the run", file=sys.stderr)

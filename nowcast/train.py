@@ -58,7 +58,8 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
                  steps: Optional[int] = None, eval_every: Optional[int] = None, data: Optional[TaskData] = None,
                  period: Any = None, ctx: int = 5, progress: bool = True, log: LogLike = None,
                  guard: Optional[float] = None, max_k: int = 40, hold: Optional[str] = None,
-                 permute: Optional[int] = None, min_k: int = 1, gate: Optional[float] = None) -> dict:
+                 permute: Optional[int] = None, min_k: int = 1, gate: Optional[float] = None,
+                 gate_every_cycle: bool = False) -> dict:
     """Train ``build_model(task, seed)`` for ``steps`` steps and return a JSON-serialisable record.
 
     Args:
@@ -86,9 +87,11 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         min_k: ``NiNo(min_k=)``: nowcasts whose horizon is below it are skipped and AdamW takes the
             step (2 drops the published decay's final ``k=1`` nowcast, at the run's last step).
         gate: with a nowcaster, wrap it in :class:`nowcast.gate.SkillGate` with this threshold (the
-            wrapper then records ``2 * ctx`` states per cycle, and a nowcast runs only when the
-            nowcaster's backtest on the cycle's first half beats no change by that ratio; otherwise
-            the parameters stay put). The record gets ``gate`` and ``gate_log``. None: no gate.
+            wrapper then records ``2 * ctx`` states per cycle; at the first nowcast the nowcaster is
+            backtested on the cycle's first half, and the run nowcasts only if it beat no change by
+            that ratio, otherwise the parameters stay put at every nowcast; ``gate_every_cycle``
+            decides at every nowcast instead). The record gets ``gate``, ``gate_every_cycle`` and
+            ``gate_log``. None: no gate.
         permute: None, or a seed: start from the initial weights moved by a random element of the
             model's inferred neuron permutation group (``neugraph.trace(...).sample_symmetry`` drawn
             from a generator seeded with ``permute``). The network computes the same function, and
@@ -121,7 +124,7 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
     if gate is not None and nowcaster is not None:
         from .gate import SkillGate
 
-        nowcaster = SkillGate(nowcaster, gate)
+        nowcaster = SkillGate(nowcaster, gate, every_cycle=gate_every_cycle)
         ctx = nowcaster.ctx
     emit = _logger(log)
     t_start = time.perf_counter()
@@ -247,6 +250,7 @@ def run_training(task: Union[str, Task], seed: int, method: str = "adamw", nowca
         "hold": wrapper.hold if wrapper is not None else None, "permute": permute,
         "held_values": wrapper.num_held if wrapper is not None else None,
         "gate": gate if wrapper is not None else None,
+        "gate_every_cycle": bool(gate_every_cycle) if wrapper is not None and gate is not None else None,
         "gate_log": list(nowcaster.log) if wrapper is not None and gate is not None else None,
         "nowcast_log": nowcast_log, "lr": task.lr, "weight_decay": task.weight_decay,
         "batch_size": task.batch_size, "torch_threads": torch.get_num_threads(),

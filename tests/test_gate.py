@@ -35,6 +35,7 @@ def test_construction_checks():
         SkillGate(object())
     g = SkillGate(nowcast.Linefit())
     assert g.ctx == 10 and g.needs_graph is False and g.max_horizon == nowcast.Linefit().max_horizon
+    assert g.every_cycle is False and g.decision is None
 
 
 def test_states_must_have_twice_the_context():
@@ -58,7 +59,7 @@ def test_closed_gate_is_no_change(seed, k):
     g = torch.Generator().manual_seed(seed)
     states = torch.randn(30, 10, generator=g).cumsum(1)  # a random walk: nothing to extrapolate
     for inner in (nowcast.NoChange(), Overshoot()):
-        gate = SkillGate(inner, threshold=1.0)
+        gate = SkillGate(inner, threshold=1.0, every_cycle=True)
         s = gate.skill(None, states)
         assert s >= 1.0 - 1e-6
         assert torch.equal(gate.predict(None, states, k), states[:, -1])
@@ -92,9 +93,27 @@ def _train(nowcaster, ctx: int, linear: bool = False, steps: int = 60,
     return [p.detach().clone() for p in model.parameters()], opt
 
 
+def test_the_first_decision_is_kept_unless_every_cycle():
+    line, walk = _line(20, 10), torch.randn(20, 10, generator=torch.Generator().manual_seed(1)).cumsum(1)
+    gate = SkillGate(nowcast.Linefit(), threshold=0.9)
+    gate.predict(None, line, 5)  # opens on a line ...
+    assert torch.equal(gate.predict(None, walk, 5), nowcast.Linefit().predict(None, walk[:, 1::2], 5))
+    assert gate.decision is True and [e["skill"] is None for e in gate.log] == [False, True]  # ... and stays open
+    every = SkillGate(nowcast.Linefit(), threshold=0.9, every_cycle=True)
+    every.predict(None, line, 5)
+    assert torch.equal(every.predict(None, walk, 5), walk[:, -1]) and every.decision is False
+    shut = SkillGate(nowcast.Linefit(), threshold=0.9)
+    shut.predict(None, walk, 5)  # closes on a random walk and stays closed, predicting nothing
+    assert torch.equal(shut.predict(None, line, 5), line[:, -1]) and shut.log[-1] == {"k": 5, "skill": None,
+                                                                                      "open": False}
+    shut.reset()
+    assert shut.decision is None and shut.log == []
+    assert torch.equal(shut.predict(None, line, 5), nowcast.Linefit().predict(None, line[:, 1::2], 5))
+
+
 def test_open_gate_run_is_the_ungated_run_exactly():
     """Linefit on straight trajectories: every nowcast runs, from the same 5 states."""
-    gate = SkillGate(nowcast.Linefit(), threshold=0.9)
+    gate = SkillGate(nowcast.Linefit(), threshold=0.9, every_cycle=True)
     gated, _ = _train(gate, ctx=10, linear=True)
     plain, _ = _train(nowcast.Linefit(), ctx=5, linear=True)
     assert len(gate.log) == 3 and all(e["open"] for e in gate.log)
@@ -103,10 +122,11 @@ def test_open_gate_run_is_the_ungated_run_exactly():
 
 def test_closed_gate_run_is_the_no_change_run_exactly():
     """Overshoot on the curved MLP trajectories: every backtest is worse than no change."""
-    gate = SkillGate(Overshoot(), threshold=0.9)
+    gate = SkillGate(Overshoot(), threshold=0.9, every_cycle=True)
     gated, opt = _train(gate, ctx=10)
     control, _ = _train(nowcast.NoChange(), ctx=5)
     assert len(gate.log) == 3 and not any(e["open"] for e in gate.log)
+    assert all(e["skill"] > 1 for e in gate.log)
     assert opt.state["nowcasts"] == 3  # the wrapper wrote the (unchanged) parameters three times
     assert all(torch.equal(a, b) for a, b in zip(gated, control))
     ungated, _ = _train(Overshoot(), ctx=5)
@@ -146,7 +166,8 @@ def test_run_training_gate_records_each_decision():
     kw = dict(steps=20, eval_every=10, data=data, period=10, progress=False)
     rec = run_training("austen-3-24", 0, nowcaster=nowcast.load(SHIPPED_CHECKPOINT), gate=0.9, **kw)
     assert rec["ctx"] == 10 and rec["gate"] == 0.9 and rec["nowcast_steps"] == [9, 19]
-    assert [e["k"] for e in rec["gate_log"]] == [40, 1]
-    assert all(isinstance(e["open"], bool) and e["skill"] > 0 for e in rec["gate_log"])
+    assert [e["k"] for e in rec["gate_log"]] == [40, 1] and rec["gate_every_cycle"] is False
+    first, second = rec["gate_log"]
+    assert first["skill"] > 0 and second["skill"] is None and first["open"] == second["open"]
     plain = run_training("austen-3-24", 0, nowcaster=nowcast.load(SHIPPED_CHECKPOINT), **kw)
     assert plain["gate"] is None and plain["gate_log"] is None and plain["ctx"] == 5
