@@ -76,7 +76,7 @@ class SkillGate(Nowcaster):
         c = self.inner.ctx
         truth, newest_then = states[:, -1], states[:, c - 1]
         with torch.no_grad():
-            guess = self.inner.predict(graph, states[:, :c], c).to(truth.device)
+            guess = self.inner.predict(graph, states[:, :c].contiguous(), c).to(truth.device)
         base = float((newest_then - truth).abs().sum())
         if not base > 0:  # nothing moved over half a cycle: no change is exact, nothing to nowcast
             return float("inf")
@@ -93,8 +93,10 @@ class SkillGate(Nowcaster):
             self.log.append({"k": k, "skill": None, "open": self.decision})
         if not self.decision:
             return states[:, -1].clone()
-        return self.inner.predict(graph, states[:, 1::2], k)
+        # contiguous: the GNN's sums round differently on a strided view (about 1e-6), and an open
+        # run must be the ungated run bit for bit
+        return self.inner.predict(graph, states[:, 1::2].contiguous(), k)
 
     def embed(self, graph, states: torch.Tensor) -> torch.Tensor:
         """The wrapped nowcaster's embedding of the full-spacing states."""
-        return self.inner.embed(graph, self.check(graph, states)[:, 1::2])
+        return self.inner.embed(graph, self.check(graph, states)[:, 1::2].contiguous())

@@ -146,7 +146,7 @@ def test_gnn_checkpoint_on_a_compiled_graph():
     out = gate.predict(graph, states, 4)
     assert out.shape == (graph.num_params,)
     if gate.log[-1]["open"]:
-        assert torch.equal(out, inner.predict(graph, states[:, 1::2], 4))
+        assert torch.equal(out, inner.predict(graph, states[:, 1::2].contiguous(), 4))
     else:
         assert torch.equal(out, states[:, -1])
     assert gate.log[-1]["skill"] is not None and gate.log[-1]["skill"] > 0
@@ -171,3 +171,30 @@ def test_run_training_gate_records_each_decision():
     assert first["skill"] > 0 and second["skill"] is None and first["open"] == second["open"]
     plain = run_training("austen-3-24", 0, nowcaster=nowcast.load(SHIPPED_CHECKPOINT), **kw)
     assert plain["gate"] is None and plain["gate_log"] is None and plain["ctx"] == 5
+
+
+def test_open_gate_with_the_gnn_is_the_ungated_run_bit_for_bit():
+    """The shipped GNN under NiNo: a gate held open gives exactly NiNo(ctx=5)'s parameters (the GNN
+    rounds differently on a strided view of the states, so the gate must pass a contiguous one)."""
+    import neugraph
+    from nowcast.cli import SHIPPED_CHECKPOINT
+
+    def run(gated: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+        inner = nowcast.load(SHIPPED_CHECKPOINT)
+        nc = SkillGate(inner) if gated else inner
+        if gated:
+            nc.decision = True  # held open, as a resumed run restores it
+        opt = NiNo(model, torch.optim.AdamW(model.parameters(), lr=1e-2), nc, period=20, ctx=nc.ctx,
+                   total_steps=60, graph=neugraph.compile(model, x[:2]))
+        for _ in range(60):
+            opt.zero_grad()
+            if opt.need_grads:
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert opt.state["nowcasts"] == 3
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
