@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 import nowcast  # noqa: E402
 from nowcast.tasks import TASKS, get_task, load_task_data  # noqa: E402
 from nowcast.train import run_training  # noqa: E402
+from acceleration import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 OUT = ROOT / "benchmarks" / "results" / "gate"
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"task": task.name, "seed": seed, "checkpoint": label, "period": task.period,
                              "skill": s})
                 print(f"{task.name} seed {seed} {label}: first-cycle skill {s:.4f}", flush=True)
-                path.write_text(json.dumps({"rows": rows, "cpu": _cpu(), "torch": torch.__version__,
+                path.write_text(json.dumps({"rows": rows, "cpu": cpu_model(), "torch": torch.__version__,
                                             "torch_threads": args.threads,
                                             "command": "python benchmarks/gate_first_cycle.py " + " ".join(
                                                 argv if argv is not None else sys.argv[1:])}, indent=1))
@@ -85,16 +85,6 @@ def write_table(rows: list[dict], path: Path) -> None:
         cells = [f"{by[(t, s, c)]:.3f}" if (t, s, c) in by else "" for c in labels for s in seeds]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
