@@ -26,8 +26,10 @@ how far a small perturbation alone moves a task's result); ``linefit``, ``linefi
 NiNo's k-decay from 40, so the first nowcast extrapolates 40 state spacings); ``linefit-kK``,
 ``linefit+-kK`` (the same with the k-decay from ``K`` down to 1: the short-horizon baselines);
 ``wnn+`` (published ``nino_mlp.pt``);
-``nino-published`` (published ``nino_no_posw.pt``); ``nino-ours`` (the checkpoint shipped in the
-package, every parameter nowcast); the variants below run that checkpoint with one change each:
+``nino-published`` (published ``nino_no_posw.pt``); ``nino-ours-gated`` (the shipped default,
+``nowcast.shipped()``: the package checkpoint behind ``SkillGate(0.9)``, see below); ``nino-ours``
+(the package checkpoint v6 alone, every parameter nowcast); the variants below run that checkpoint
+with one change each:
 ``nino-ours-auto`` (``NiNo(hold="auto")``: biases and norm parameters of a model with normalisation
 layers are left to AdamW; the vision nets have none, so there it is ``nino-ours`` exactly);
 ``nino-ours-dynamic`` (with ``DynamicPeriod()``); ``nino-ours-guarded`` (with
@@ -73,22 +75,23 @@ from nowcast.schedule import DynamicPeriod  # noqa: E402
 from nowcast.tasks import TASKS, get_task, load_task_data  # noqa: E402
 from nowcast.train import run_training  # noqa: E402
 
-METHODS = ["adamw", "no-change", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours", "nino-ours-auto",
-           "nino-ours-dynamic", "nino-ours-guarded", "nino-ours-norms-held", "nino-ours-embeddings-held",
-           "nino-ours-skip-k1", "nino-ours-skip-k3", "nino-ours-skip-k5", "nino-ours-gated", "nino-ours-gated-every"]
+METHODS = ["adamw", "no-change", "linefit", "linefit+", "wnn+", "nino-published", "nino-ours-gated", "nino-ours",
+           "nino-ours-auto", "nino-ours-dynamic", "nino-ours-guarded", "nino-ours-norms-held",
+           "nino-ours-embeddings-held", "nino-ours-skip-k1", "nino-ours-skip-k3", "nino-ours-skip-k5",
+           "nino-ours-gated-every"]
 LABELS = {"adamw": "AdamW", "no-change": "No change (control)", "linefit": "Linefit", "linefit+": "Linefit+",
           "wnn+": "WNN+ (published)",
-          "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, shipped)",
-          "nino-ours-auto": "NiNo (ours, shipped) + hold='auto'",
-          "nino-ours-dynamic": "NiNo (ours, shipped) + dynamic period",
-          "nino-ours-guarded": "NiNo (ours, shipped) + loss guard",
-          "nino-ours-norms-held": "NiNo (ours, shipped) + norms held",
-          "nino-ours-embeddings-held": "NiNo (ours, shipped) + embeddings held",
-          "nino-ours-skip-k1": "NiNo (ours, shipped), k=1 nowcast skipped",
-          "nino-ours-skip-k3": "NiNo (ours, shipped), k<=3 nowcasts skipped",
-          "nino-ours-skip-k5": "NiNo (ours, shipped), k<=5 nowcasts skipped",
-          "nino-ours-gated": "NiNo (ours, shipped) + skill gate 0.9",
-          "nino-ours-gated-every": "NiNo (ours, shipped) + skill gate 0.9 at every nowcast"}
+          "nino-published": "NiNo (published nino_no_posw)", "nino-ours": "NiNo (ours, v6)",
+          "nino-ours-auto": "NiNo (ours, v6) + hold='auto'",
+          "nino-ours-dynamic": "NiNo (ours, v6) + dynamic period",
+          "nino-ours-guarded": "NiNo (ours, v6) + loss guard",
+          "nino-ours-norms-held": "NiNo (ours, v6) + norms held",
+          "nino-ours-embeddings-held": "NiNo (ours, v6) + embeddings held",
+          "nino-ours-skip-k1": "NiNo (ours, v6), k=1 nowcast skipped",
+          "nino-ours-skip-k3": "NiNo (ours, v6), k<=3 nowcasts skipped",
+          "nino-ours-skip-k5": "NiNo (ours, v6), k<=5 nowcasts skipped",
+          "nino-ours-gated": "NiNo (ours, v6) + skill gate 0.9 = shipped default",
+          "nino-ours-gated-every": "NiNo (ours, v6) + skill gate 0.9 at every nowcast"}
 #: ``linefit-kK`` / ``linefit+-kK``: Linefit(+) under a k-decay from K instead of 40
 SHORT_LINEFIT = re.compile(r"^(linefit\+?)-k([1-9][0-9]*)$")
 #: ``run_training(guard=...)`` per method: a nowcast that raises that step's training loss is undone
@@ -115,7 +118,7 @@ MIN_KS = {"nino-ours-skip-k1": 2, "nino-ours-skip-k3": 4, "nino-ours-skip-k5": 6
 #: ``run_training(gate=...)`` per method: ``nowcast.gate.SkillGate(threshold)`` around the checkpoint
 #: (the run records at ``ctx=10``, half the spacing, and nowcasts from every second state only when
 #: the gate is open: decided at the first nowcast, or for the methods in GATE_EVERY at every one)
-GATES = {"nino-ours-gated": 0.9, "nino-ours-gated-every": 0.9}
+GATES = {"nino-ours-gated": nowcast.SHIPPED_GATE, "nino-ours-gated-every": nowcast.SHIPPED_GATE}
 GATE_EVERY = {"nino-ours-gated-every"}
 OUT = ROOT / "benchmarks" / "results" / "acceleration"
 
@@ -265,6 +268,22 @@ def _worst_seed_gap(metric: str, rs: list[dict], base: list[dict]) -> Optional[f
     return round(min(gaps), 3) if gaps else None
 
 
+def _cpu(r: dict) -> str:
+    """A record's CPU, short ("AMD EPYC", "Intel Xeon @ 2.80GHz"); older records did not keep it."""
+    cpu = r.get("cpu")
+    return " ".join(cpu.replace("(R)", "").replace("(TM)", "").replace(" Processor", "").split()) if cpu else "not recorded"
+
+
+def _pairs_share_a_cpu(rs: list[dict], base: list[dict]) -> Optional[bool]:
+    """Whether every per-seed pair behind the worst-seed gap ran on one recorded CPU (None: no pair).
+    The CPU alone moves AdamW's final perplexity by more than the 2% bound (README, "The skill gate")."""
+    by_seed = {r["seed"]: r for r in base}
+    pairs = [(r, by_seed[r["seed"]]) for r in rs if r["seed"] in by_seed]
+    if not pairs:
+        return None
+    return all(a.get("cpu") and a.get("cpu") == b.get("cpu") for a, b in pairs)
+
+
 def summarise(out: Path) -> dict:
     """Rows over the cached runs that still measure the current methods; stale ones are listed, not counted."""
     runs, stale_runs = cached_runs(out)
@@ -290,6 +309,8 @@ def summarise(out: Path) -> dict:
                 "final_scores": [round(r["final_score"], 3) for r in rs], "median_final_score": round(final, 3),
                 "final_vs_adamw": None if base_final is None else round(final - base_final, 3),
                 "worst_seed_final_vs_adamw": None if m == "adamw" else _worst_seed_gap(rs[0]["metric"], rs, base),
+                "worst_seed_same_cpu": None if m == "adamw" else _pairs_share_a_cpu(rs, base),
+                "cpus": sorted({_cpu(r) for r in rs}),
                 "metric": rs[0]["metric"], "target": rs[0]["target"], "eval_every": rs[0]["eval_every"],
                 "target_every": rs[0].get("target_every", 0),
                 "nowcasts": [r["nowcasts"] for r in rs], "rejected": [r["nowcasts_rejected"] for r in rs],
@@ -303,7 +324,7 @@ def write_summary(out: Path, meta: dict) -> dict:
     summary.update(meta)
     (out / "acceleration.json").write_text(json.dumps(summary, indent=1))
     lines = ["| task | method | seeds | steps to target (median) | reduction vs AdamW | final score (median) | "
-             "final - AdamW | worst seed vs AdamW |", "|---|---|---|---|---|---|---|---|"]
+             "final - AdamW | worst seed vs AdamW | CPU |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         med = "not reached" if r["median_steps_to_target"] is None else f"{r['median_steps_to_target']:,.0f}"
         red = "" if r["reduction_pct"] is None or r["method"] == "adamw" else f"{r['reduction_pct']:.1f}%"
@@ -314,8 +335,14 @@ def write_summary(out: Path, meta: dict) -> dict:
             diff += f" ({100 * r['final_vs_adamw'] / (r['median_final_score'] - r['final_vs_adamw']):+.1f}%)"
         worst = r.get("worst_seed_final_vs_adamw")
         worst_s = "" if worst is None else (f"{worst:+.1f}%" if r["metric"] == "perplexity" else f"{worst:+.2f}")
+        if worst_s and r.get("worst_seed_same_cpu") is False:
+            worst_s += " *"
         lines.append(f"| {r['task']} ({r['metric']} target {r['target']}) | {r['label']} | {len(r['seeds'])} | {med} "
-                     f"| {red} | {r['median_final_score']:.2f} | {diff} | {worst_s} |")
+                     f"| {red} | {r['median_final_score']:.2f} | {diff} | {worst_s} | {', '.join(r['cpus'])} |")
+    if any(r.get("worst_seed_same_cpu") is False for r in summary["rows"]):
+        lines += ["", "\\* a seed pair behind this gap is not known to share a CPU (one of the records ran on "
+                  "another CPU, or does not name its CPU); the CPU alone can move a run's final score by more "
+                  "than the 0.5-point / 2% bound."]
     if summary["stale_runs"]:
         lines += ["", f"Not counted ({len(summary['stale_runs'])} cached runs of an older checkpoint or protocol; "
                   "rerun them with the same command): " + "; ".join(summary["stale_runs"])]
@@ -405,7 +432,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if OURS is not None:
         sha = checkpoint_sha256("nino-ours") or "missing"
         for m in [m for m in LABELS if m.startswith("nino-ours")]:
-            LABELS[m] = LABELS[m].replace("(ours, shipped)", f"(ours, candidate {sha[:8]})")
+            LABELS[m] = LABELS[m].replace("(ours, v6)", f"(ours, candidate {sha[:8]})")
     if args.threads:
         torch.set_num_threads(args.threads)
     out: Path = args.out

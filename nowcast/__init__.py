@@ -15,10 +15,11 @@ from .scatter import set_backend as set_scatter_backend
 from .stream import stream_predict
 from .wnn import WNNPlus
 from .gate import SkillGate
+from .shipped import SHIPPED_GATE, shipped
 
 __all__ = ["Nowcaster", "NiNoGNN", "WNNPlus", "Linefit", "LinefitPlus", "NoChange", "load", "save", "CheckpointError",
            "scale", "unscale", "Scales", "SCALING_METHODS", "scatter_backend", "set_scatter_backend",
-           "stream_predict", "SkillGate"]
+           "stream_predict", "SkillGate", "shipped", "SHIPPED_GATE"]
 
 # ---- the optimizer wrapper (docs/optimizer.md) ---------------------------------------------------
 from .optim import NiNo, NowcastError, NowcastRejectedWarning  # noqa: E402

@@ -13,12 +13,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
+
+from .shipped import SHIPPED_CHECKPOINT, SHIPPED_GATE
 
 __all__ = ["main", "resolve_nowcaster", "NowcasterSpecError", "RunFileError", "SHIPPED_CHECKPOINT", "PUBLISHED_ENV"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-SHIPPED_CHECKPOINT = PACKAGE_DIR / "checkpoints" / "nino_ours.safetensors"
 PUBLISHED_ENV = "NOWCAST_PUBLISHED"
 PUBLISHED_RELATIVE = Path("..") / "shared" / "reference" / "checkpoints" / "nino_no_posw.pt"
 # when the default task's data is missing, the demo uses the first of these whose data is present
@@ -174,7 +175,7 @@ def cmd_demo(args: argparse.Namespace, explicit_task: bool) -> int:
     named = args.nowcaster in ("default", "published", "linefit", "linefit+", "no-change")
     label = f"adamw+{args.nowcaster if named else type(nowcaster).__name__}"
     nino = run_training(task, args.seed, method=label, nowcaster=nowcaster, period=_period(args), ctx=args.ctx,
-                        guard=args.guard, hold=args.hold, gate=args.gate, **common)
+                        guard=args.guard, hold=args.hold, gate=gate_for(args), **common)
     red = _reduction(base["steps_to_target"], nino["steps_to_target"])
     summary = {"task": task.name, "seed": args.seed, "steps": steps, "target": task.target, "metric": task.metric,
                "target_note": task.target_note, "nowcaster": args.nowcaster, "fallback_note": note,
@@ -203,6 +204,13 @@ def cmd_demo(args: argparse.Namespace, explicit_task: bool) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
         if j == 0:
             print("  ".join("-" * w for w in widths))
+    if nino.get("gate_log"):
+        first = nino["gate_log"][0]
+        verdict = ("open: the nowcasts ran" if first["open"] else
+                   "closed: no nowcast changed the parameters (the checkpoint shows no skill on this run)")
+        skill = "n/a (nothing moved)" if first["skill"] is None else f"{first['skill']:.3f}"
+        print(f"skill gate {nino['gate']:g} (--gate none turns it off): backtest error {skill} times no "
+              f"change's at the first nowcast, {verdict}")
     if red is not None:
         print(f"reduction in steps to target: {red:.1f}%")
     elif base["steps_to_target"] is None:
@@ -226,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           nowcaster=nowcaster, steps=args.steps, eval_every=args.eval_every,
                           period=_period(args), ctx=args.ctx, progress=not args.no_progress, log=args.log,
                           guard=args.guard if nowcaster is not None else None, hold=args.hold,
-                          gate=args.gate)
+                          gate=gate_for(args) if nowcaster is not None else None)
     text = json.dumps(record, indent=1)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
@@ -333,15 +341,29 @@ def _hold_arg(text: str) -> Optional[str]:
     return text
 
 
-def _gate_arg(text: str) -> float:
+def _gate_arg(text: str) -> Union[float, str, None]:
+    key = text.strip().lower()
+    if key == "none":
+        return None
+    if key == "shipped":  # the default: resolved by gate_for once the nowcaster is known
+        return key
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r}: the gate is a ratio in (0, 1], e.g. 0.9 (nowcast only when "
-                                         "the nowcaster's backtest error is under 0.9 times no change's)")
+                                         "the nowcaster's backtest error is under 0.9 times no change's), "
+                                         "or none")
     return value
+
+
+def gate_for(args: argparse.Namespace) -> Optional[float]:
+    """The ``--gate`` value in force: an explicit ratio or none, else the shipped default's gate for the
+    shipped nowcaster and no gate for any other."""
+    if args.gate != "shipped":
+        return args.gate
+    return SHIPPED_GATE if (args.nowcaster or "").strip().lower() == "default" else None
 
 
 def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
@@ -358,10 +380,11 @@ def _add_nowcast_options(p: argparse.ArgumentParser) -> None:
                    help="parameters a nowcast leaves to the base optimizer: none (default), auto (biases and "
                         "norm parameters of models with normalisation layers, nothing otherwise), or a "
                         "'+'-joined set of norms, embeddings, vectors")
-    p.add_argument("--gate", type=_gate_arg, default=None, metavar="RATIO",
+    p.add_argument("--gate", type=_gate_arg, default="shipped", metavar="RATIO",
                    help="skill gate (nowcast.gate.SkillGate): nowcast only when the nowcaster, backtested on "
-                        "the first half of the cycle, beats no change by this error ratio (e.g. 0.9); "
-                        "records twice the states. Default: no gate")
+                        "the run's first cycle, beats no change by this error ratio (e.g. 0.9); records "
+                        f"twice the states. none: no gate. Default: {SHIPPED_GATE} for the shipped "
+                        "nowcaster (--nowcaster default), no gate for any other")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
 

@@ -22,7 +22,8 @@ limits): late in training the half-cycle backtest of FM/16 and MNIST/16 is no be
 change (0.93-1.12) while the nowcasts it then drops are the ones that save thousands of steps.
 The first decision separates the tasks the shipped checkpoint helps from those it does not
 (``benchmarks/gate_first_cycle.py``). Decisions are appended to ``log`` (``k``, ``skill``,
-``open``); ``reset()`` re-arms the gate for a new run. Cost: twice the history memory, and one
+``open``); ``reset()`` re-arms the gate for a new run (:class:`nowcast.NiNo` calls it when it is
+built, and keeps the decision in its ``state_dict``). Cost: twice the history memory, and one
 more ``predict`` at the first nowcast (none after it; a closed gate predicts nothing).
 """
 from __future__ import annotations
@@ -69,6 +70,18 @@ class SkillGate(Nowcaster):
         """Forget the decision and the log (before reusing the gate for another run)."""
         self.decision = None
         self.log = []
+
+    def run_state(self) -> dict:
+        """The run's decision and log, for :meth:`nowcast.NiNo.state_dict` (a resumed run keeps its
+        first decision instead of taking a new one on a later cycle)."""
+        return {"decision": self.decision, "log": [dict(e) for e in self.log]}
+
+    def load_run_state(self, state: dict) -> None:
+        decision = state.get("decision")
+        if decision is not None and not isinstance(decision, bool):
+            raise ValueError(f"a SkillGate run state has decision None, True or False, got {decision!r}")
+        self.decision = decision
+        self.log = [dict(e) for e in state.get("log", [])]
 
     def skill(self, graph, states: torch.Tensor) -> float:
         """Backtest error of the wrapped nowcaster over no change (``states``: (num_params, 2c))."""

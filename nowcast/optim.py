@@ -181,6 +181,7 @@ class NiNo(torch.optim.Optimizer):
             transparent wrapper (a baseline with the same loop).
         period: cycle length (int, multiple of ``ctx``) or a :class:`~nowcast.schedule.DynamicPeriod`.
         ctx: states per nowcast (>= 2), oldest first; must equal ``nowcaster.ctx`` if it has one.
+            None (default): the nowcaster's ``ctx``, else 5 (NiNo's).
         total_steps: planned number of ``step()`` calls; needed by ``k_schedule="decay"`` and
             ``DynamicPeriod``.
         example_inputs, graph: for a nowcaster with ``needs_graph``: a compiled
@@ -224,7 +225,7 @@ class NiNo(torch.optim.Optimizer):
     """
 
     def __init__(self, model_or_params: Any, base_optimizer: torch.optim.Optimizer,
-                 nowcaster: Optional[NowcasterLike], period: PeriodLike = 1000, ctx: int = 5,
+                 nowcaster: Optional[NowcasterLike], period: PeriodLike = 1000, ctx: Optional[int] = None,
                  total_steps: Optional[int] = None, example_inputs: Any = None,
                  graph: Optional["NeuralGraph"] = None, *, k_schedule: KSchedule = "decay",
                  k_power: float = 2.0, max_k: int = 40, history_device: Union[str, torch.device] = "cpu",
@@ -274,7 +275,12 @@ class NiNo(torch.optim.Optimizer):
             raise ValueError(f"min_k must be an int >= 1 (1 runs every nowcast; 2 skips the k=1 ones), got {min_k!r}")
         self.min_k = min_k
         self.nowcaster = nowcaster
+        if ctx is None:
+            own_ctx = getattr(nowcaster, "ctx", None)
+            ctx = own_ctx if isinstance(own_ctx, int) and not isinstance(own_ctx, bool) else 5
         self.ctx = ctx
+        if callable(getattr(nowcaster, "reset", None)):
+            nowcaster.reset()  # a nowcaster with per-run state (SkillGate's decision) starts this run afresh
         self.schedule: Optional[NowcastSchedule] = None
         self.graph: Optional["NeuralGraph"] = None
         tracked = [self._params[i] for i in self._tracked]
@@ -624,6 +630,8 @@ class NiNo(torch.optim.Optimizer):
                 "history": list(st["history"]), "nowcasts": st["nowcasts"],
                 "nowcasts_rejected": st["nowcasts_rejected"], "nowcasts_skipped": st["nowcasts_skipped"],
                 "last_nowcast": dict(st["last_nowcast"]) if st["last_nowcast"] else None}
+        if callable(getattr(self.nowcaster, "run_state", None)):
+            nino["nowcaster_run_state"] = self.nowcaster.run_state()
         out = {"state": base["state"], "param_groups": base["param_groups"], "nino": nino}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, out)
@@ -655,5 +663,11 @@ class NiNo(torch.optim.Optimizer):
             "nowcasts": int(nino["nowcasts"]), "nowcasts_rejected": int(nino["nowcasts_rejected"]),
             "nowcasts_skipped": int(nino.get("nowcasts_skipped", 0)),
             "last_nowcast": dict(nino["last_nowcast"]) if nino["last_nowcast"] else None})
+        if "nowcaster_run_state" in nino:
+            if not callable(getattr(self.nowcaster, "load_run_state", None)):
+                raise ValueError(f"the state dict holds a {type(self.nowcaster).__name__ if self.nowcaster else 'None'} "
+                                 "nowcaster's run state (a skill gate's decision) that this NiNo's nowcaster cannot "
+                                 "take; build NiNo with the nowcaster of the saved run")
+            self.nowcaster.load_run_state(nino["nowcaster_run_state"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

@@ -98,7 +98,24 @@ def test_worst_seed_final_gap_is_per_seed_against_adamw(acc, tmp_path):
     # accuracy: points, the lowest; seed 2 has no AdamW run and is left out
     assert rows["mnist16", "nino-ours"]["worst_seed_final_vs_adamw"] == pytest.approx(-0.6)
     table = (tmp_path / "acceleration.md").read_text()
-    assert "| +4.0% |" in table and "| -0.60 |" in table
+    # these records name no CPU, so the pairs are not known to share one: flagged, with the footnote
+    assert "| +4.0% * | not recorded |" in table and "| -0.60 * |" in table and "not known to share a CPU" in table
+    assert rows["bible-3-24", "nino-ours"]["worst_seed_same_cpu"] is False
+
+
+def test_worst_seed_gap_says_whether_its_pairs_share_a_cpu(acc, tmp_path):
+    epyc, xeon = {"cpu": "AMD EPYC"}, {"cpu": "Intel(R) Xeon(R) Processor @ 2.80GHz"}
+    recs = [record(acc, "bible-3-24", "adamw", s, None, 5.0, **epyc) for s in (0, 1)]
+    recs += [record(acc, "bible-3-24", "nino-ours", s, None, 5.05, **epyc) for s in (0, 1)]
+    recs += [record(acc, "bible-3-24", "no-change", 0, None, 5.0, **epyc), record(acc, "bible-3-24", "no-change", 1,
+                                                                                   None, 5.0, **xeon)]
+    write(tmp_path, acc, recs)
+    rows = {r["method"]: r for r in acc.write_summary(tmp_path, {})["rows"]}
+    assert rows["nino-ours"]["worst_seed_same_cpu"] is True and rows["nino-ours"]["cpus"] == ["AMD EPYC"]
+    assert rows["no-change"]["worst_seed_same_cpu"] is False
+    assert rows["no-change"]["cpus"] == ["AMD EPYC", "Intel Xeon @ 2.80GHz"]
+    table = (tmp_path / "acceleration.md").read_text()
+    assert "| +1.0% | AMD EPYC |" in table and "| +0.0% * | AMD EPYC, Intel Xeon @ 2.80GHz |" in table
 
 
 def test_short_horizon_linefit_methods(acc, tmp_path):

@@ -153,7 +153,12 @@ def test_hold_option_parses_and_refuses_unknown_parts(capsys):
 
 def test_gate_option_parses_and_refuses_ratios_outside_0_1(capsys):
     parser = cli.build_parser()
-    assert parser.parse_args(["demo"]).gate is None
+    assert cli.gate_for(parser.parse_args(["demo"])) == cli.SHIPPED_GATE == 0.9  # the shipped default
+    assert cli.gate_for(parser.parse_args(["demo", "--gate", "none"])) is None
+    assert cli.gate_for(parser.parse_args(["demo", "--nowcaster", "published"])) is None  # measured ungated
+    assert cli.gate_for(parser.parse_args(["demo", "--nowcaster", "published", "--gate", "0.8"])) == 0.8
+    assert cli.gate_for(parser.parse_args(["train", "--task", "fm16"])) is None
+    assert cli.gate_for(parser.parse_args(["train", "--task", "fm16", "--nowcaster", "default"])) == 0.9
     assert parser.parse_args(["train", "--task", "fm16", "--gate", "0.9"]).gate == 0.9
     for bad in ("0", "1.5", "high"):
         with pytest.raises(SystemExit) as e:

@@ -185,10 +185,10 @@ def test_open_gate_with_the_gnn_is_the_ungated_run_bit_for_bit():
         x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
         inner = nowcast.load(SHIPPED_CHECKPOINT)
         nc = SkillGate(inner) if gated else inner
-        if gated:
-            nc.decision = True  # held open, as a resumed run restores it
         opt = NiNo(model, torch.optim.AdamW(model.parameters(), lr=1e-2), nc, period=20, ctx=nc.ctx,
                    total_steps=60, graph=neugraph.compile(model, x[:2]))
+        if gated:
+            nc.decision = True  # held open, as a resumed run restores it (NiNo re-armed it when built)
         for _ in range(60):
             opt.zero_grad()
             if opt.need_grads:
@@ -198,3 +198,73 @@ def test_open_gate_with_the_gnn_is_the_ungated_run_bit_for_bit():
         return [p.detach().clone() for p in model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
+
+
+def test_shipped_default_is_the_checkpoint_behind_the_gate():
+    g = nowcast.shipped()
+    assert isinstance(g, SkillGate) and g.threshold == nowcast.SHIPPED_GATE == 0.9 and g.ctx == 10
+    assert isinstance(g.inner, nowcast.NiNoGNN) and g.inner.ctx == 5 and g.every_cycle is False
+    bare = nowcast.shipped(gate=None)
+    assert isinstance(bare, nowcast.NiNoGNN) and bare.ctx == 5
+    assert nowcast.shipped(0.5).threshold == 0.5
+
+
+def test_nino_takes_ctx_from_the_nowcaster_and_rearms_the_gate():
+    model = torch.nn.Linear(4, 3)
+    gate = SkillGate(nowcast.Linefit())
+    gate.decision, gate.log = False, [{"k": 1, "skill": 2.0, "open": False}]  # left over from another run
+    opt = NiNo(model, torch.optim.SGD(model.parameters(), lr=0.1), gate, period=20, total_steps=60)
+    assert opt.ctx == 10 and gate.decision is None and gate.log == []
+    assert NiNo(model, torch.optim.SGD(model.parameters(), lr=0.1), nowcast.Linefit(), period=20,
+                total_steps=60).ctx == 5
+    with pytest.raises(ValueError, match="built for ctx=10"):
+        NiNo(model, torch.optim.SGD(model.parameters(), lr=0.1), gate, period=20, ctx=5, total_steps=60)
+
+
+def test_resumed_run_keeps_the_first_decision():
+    """A checkpoint after the first nowcast carries the decision: the resumed run does not backtest
+    again, and it ends where the uninterrupted run does."""
+    def build(gate):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+        return model, NiNo(model, torch.optim.SGD(model.parameters(), lr=0.05), gate, period=20,
+                           total_steps=60)
+
+    x, y = torch.randn(32, 4, generator=torch.Generator().manual_seed(3)), torch.randn(32, 1)
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            if opt.need_grads:
+                torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    full_gate = SkillGate(Overshoot(), threshold=0.9)
+    full_model, full_opt = build(full_gate)
+    steps(full_model, full_opt, 60)
+    assert full_gate.decision is False and len(full_gate.log) == 3
+
+    gate = SkillGate(Overshoot(), threshold=0.9)
+    model, opt = build(gate)
+    steps(model, opt, 25)
+    saved_model, saved_opt = {k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict()
+    assert saved_opt["nino"]["nowcaster_run_state"]["decision"] is False
+    fresh = SkillGate(Overshoot(), threshold=0.9)
+    model2, opt2 = build(fresh)
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    assert fresh.decision is False and len(fresh.log) == 1
+    steps(model2, opt2, 35)
+    assert [e["skill"] is None for e in fresh.log] == [False, True, True]  # no second backtest
+    assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), full_model.parameters()))
+    plain_model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    class Newest:  # a nowcaster with no per-run state and no fixed ctx
+        needs_graph = False
+
+        def predict(self, graph, states, k):
+            return states[:, -1].clone()
+
+    plain = NiNo(plain_model, torch.optim.SGD(plain_model.parameters(), lr=0.05), Newest(), period=20, ctx=10,
+                 total_steps=60)
+    with pytest.raises(ValueError, match="run state"):
+        plain.load_state_dict(saved_opt)

@@ -36,7 +36,8 @@ class NowcastCallback(TrainerCallback):
 
     Args:
         nowcaster: any nowcaster (``nowcast.load(...)``, ``nowcast.LinefitPlus()``, ...).
-        period, ctx: NiNo's schedule (``period`` counts optimizer steps, i.e. accumulated batches).
+        period, ctx: NiNo's schedule (``period`` counts optimizer steps, i.e. accumulated batches;
+            ``ctx=None``: the nowcaster's own).
         total_steps: default ``state.max_steps`` (the Trainer's number of optimizer steps).
         example_inputs: for a nowcaster that needs a graph: inputs to compile the model with
             (a tuple of ``forward`` arguments, e.g. ``(input_ids,)``); or pass ``graph=``.
@@ -46,7 +47,7 @@ class NowcastCallback(TrainerCallback):
     After ``on_train_begin``, :attr:`nino` is the wrapper (``callback.nino.state`` has the counts).
     """
 
-    def __init__(self, nowcaster: Any, period: Any = 1000, ctx: int = 5, total_steps: Optional[int] = None,
+    def __init__(self, nowcaster: Any, period: Any = 1000, ctx: Optional[int] = None, total_steps: Optional[int] = None,
                  example_inputs: Any = None, distributed: Optional[bool] = None, **nino_kwargs: Any) -> None:
         self.nowcaster, self.period, self.ctx, self.total_steps = nowcaster, period, ctx, total_steps
         self.example_inputs, self.distributed, self.nino_kwargs = example_inputs, distributed, nino_kwargs

@@ -37,7 +37,7 @@ class NowcastCallback(Callback):
 
     Args:
         nowcaster: any nowcaster (``nowcast.load(...)``, ``nowcast.LinefitPlus()``, ...).
-        period, ctx: NiNo's schedule, in optimizer steps.
+        period, ctx: NiNo's schedule, in optimizer steps (``ctx=None``: the nowcaster's own).
         total_steps: default ``trainer.max_steps``, else ``trainer.estimated_stepping_batches``.
         example_inputs: for a nowcaster that needs a graph: inputs of the LightningModule's
             ``forward`` to compile it with (or pass ``graph=``).
@@ -49,7 +49,7 @@ class NowcastCallback(Callback):
     After ``on_fit_start``, :attr:`nino` is the wrapper.
     """
 
-    def __init__(self, nowcaster: Any, period: Any = 1000, ctx: int = 5, total_steps: Optional[int] = None,
+    def __init__(self, nowcaster: Any, period: Any = 1000, ctx: Optional[int] = None, total_steps: Optional[int] = None,
                  example_inputs: Any = None, optimizer_index: int = 0, distributed: Optional[bool] = None,
                  **nino_kwargs: Any) -> None:
         super().__init__()
