@@ -123,6 +123,21 @@ def test_demo_table_plot_and_json(monkeypatch, tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_demo_gates_the_shipped_nowcaster_by_default(monkeypatch, tmp_path, capsys):
+    _small_val(monkeypatch)
+    out = tmp_path / "demo"
+    rc = cli.main(["demo", "--steps", "20", "--eval-every", "10", "--period", "10", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    nino = json.loads((out / "fm16_seed0.json").read_text())["runs"][1]
+    assert nino["gate"] == 0.9 and nino["ctx"] == 10 and len(nino["gate_log"]) == 2
+    assert "skill gate 0.9 (--gate none turns it off)" in text
+    rc = cli.main(["demo", "--steps", "20", "--eval-every", "10", "--period", "10", "--gate", "none",
+                   "--out", str(out), "--no-progress"])
+    nino = json.loads((out / "fm16_seed0.json").read_text())["runs"][1]
+    assert rc == 0 and nino["gate"] is None and nino["ctx"] == 5 and "skill gate" not in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_demo_subprocess_json(tmp_path):
     from nowcast.data import DataMissingError, load_images
