@@ -146,3 +146,19 @@ def test_run_records_name_the_cpu_and_the_libraries_they_ran_on(acc):
     assert env["cpu"] and env["cpu"] != "unknown" or not Path("/proc/cpuinfo").exists()
     assert env["scatter"] == get_backend() and env["torch"] == acc.torch.__version__
     json.dumps(env)
+
+
+def test_a_reduction_across_cpus_is_marked(acc, tmp_path):
+    """A median reduction whose records do not all name one CPU gets the * of the footnote."""
+    epyc, xeon = {"cpu": "AMD EPYC"}, {"cpu": "Intel Xeon"}
+    recs = [record(acc, "mnist32", "adamw", s, x, 98.8, **epyc) for s, x in [(0, 4000), (1, 5000)]]
+    recs += [record(acc, "mnist32", "nino-ours", s, 3000, 98.8, **epyc) for s in (0, 1)]
+    recs += [record(acc, "mnist32", "no-change", 0, 2000, 98.8, **epyc),
+             record(acc, "mnist32", "no-change", 1, 2000, 98.8, **xeon)]
+    write(tmp_path, acc, recs)
+    rows = {r["method"]: r for r in acc.write_summary(tmp_path, {})["rows"]}
+    assert rows["nino-ours"]["reduction_same_cpu"] is True and rows["no-change"]["reduction_same_cpu"] is False
+    assert rows["adamw"]["reduction_same_cpu"] is None
+    table = (tmp_path / "acceleration.md").read_text()
+    assert "| 3,000 | 33.3% | 98.80 |" in table and "| 2,000 | 55.6% * | 98.80 |" in table
+    assert "only unmarked figures" in table
